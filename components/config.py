@@ -1,0 +1,168 @@
+"""The one place that reads ``params.yaml`` into typed, validated config.
+
+Each step's component receives only its own section (``DataConfig``, ``ModelConfig``
+...). Unknown keys, wrong types and out-of-range values raise ``ConfigError`` naming
+the key. CLI overrides use dotted keys: ``train.epochs=2``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Where the images come from and how they are split."""
+
+    source: str = "../shared/datasets/cifar10-jpeg.tar.gz"
+    layout: Literal["classes", "industrial", "manifest"] = "classes"
+    anomalous_class: str | None = "airplane"
+    image_size: int = Field(32, ge=16, le=1024)
+    channels: Literal[1, 3] = 3
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    seed: int = Field(0, ge=0)
+    max_train_images: int | None = Field(None, ge=1)
+    max_test_images: int | None = Field(None, ge=1)
+    min_image_size: int = Field(8, ge=1)
+    decode_workers: int = Field(2, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.image_size % 16:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of 16")
+        if self.layout == "classes" and not self.anomalous_class:
+            raise ValueError("anomalous_class is required for the 'classes' layout")
+        return self
+
+
+class ModelConfig(_Section):
+    """Which network and how wide."""
+
+    name: Literal["nested", "ganomaly", "skip_ganomaly"] = "nested"
+    base_width: int = Field(32, ge=4, le=512)
+    depth: int = Field(4, ge=2, le=4)
+    disc_width: int = Field(64, ge=4, le=512)
+    latent_dim: int = Field(100, ge=8, le=4096)
+
+
+class TrainConfig(_Section):
+    """Optimisation, precision and checkpoint choice."""
+
+    epochs: int = Field(15, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=2, le=8192)
+    lr: float = Field(2e-4, gt=0.0, le=1.0)
+    beta1: float = Field(0.5, ge=0.0, lt=1.0)
+    beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    lr_decay_start: int = Field(8, ge=0)
+    w_adv: float = Field(1.0, ge=0.0)
+    w_con: float = Field(20.0, ge=0.0)
+    w_lat: float = Field(1.0, ge=0.0)
+    w_enc: float = Field(1.0, ge=0.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: bool = True
+    seed: int = Field(0, ge=0)
+    select_on: Literal["val_score", "last"] = "val_score"
+    reinit_d_below: float = Field(1e-5, ge=0.0)
+
+
+class EvaluateConfig(_Section):
+    """Scoring, normalisation and thresholds (all fitted on validation normals)."""
+
+    score_weight: float = Field(0.9, ge=0.0, le=1.0)
+    fixed_threshold: float = Field(0.2, ge=0.0, le=1.0)
+    target_fpr: float = Field(0.05, gt=0.0, lt=1.0)
+    threshold: Literal["fixed", "fpr"] = "fpr"
+    batch_size: int = Field(256, ge=1, le=65536)
+    quantiles: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99)
+    plots: bool = True
+    grid_images: int = Field(16, ge=0, le=256)
+
+
+class Params(_Section):
+    """All sections of params.yaml.
+
+    ``profiles`` maps a profile name (``quick``, ``paper``) to dotted overrides that
+    ``load_params(profile=...)`` applies before the CLI's own overrides.
+    """
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, raw: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def parse_params(tree: dict[str, Any] | None, origin: str = "params.yaml") -> Params:
+    """Validate a params tree; raise ConfigError naming the first bad key."""
+    try:
+        return Params.model_validate(tree or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise ConfigError(f"{origin}: {key}: {msg}") from None
+
+
+def load_params(
+    path: str | Path = "params.yaml",
+    overrides: list[str] | None = None,
+    profile: str | None = None,
+) -> Params:
+    """Read params.yaml (missing file = all defaults), apply a profile, then ``key=value``
+    overrides; later ones win."""
+    path = Path(path)
+    tree: dict[str, Any] = {}
+    if path.exists():
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        tree = loaded or {}
+    items = list(overrides or [])
+    if profile:
+        profiles = tree.get("profiles") or {}
+        if profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "none"
+            raise ConfigError(f"{path}: profiles.{profile}: unknown profile (known: {known})")
+        items = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                 for k, v in profiles[profile].items()] + items
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
+        _set_dotted(tree, key.strip(), raw.strip())
+    return parse_params(tree, origin=str(path))
+
+
+def flatten_params(params: Params) -> dict[str, Any]:
+    """``{"train.epochs": 15, ...}`` for trackers and lineage."""
+    flat: dict[str, Any] = {}
+    for section, values in params.model_dump(exclude={"profiles"}).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    return flat
