@@ -71,7 +71,7 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
     seed: int = Field(0, ge=0)
-    select_on: Literal["val_score", "last"] = "val_score"
+    select_on: Literal["val_recon", "last"] = "val_recon"
     reinit_d_below: float = Field(1e-5, ge=0.0)
 
 
@@ -88,6 +88,50 @@ class EvaluateConfig(_Section):
     grid_images: int = Field(16, ge=0, le=256)
 
 
+class IngestConfig(_Section):
+    """What ``nestad ingest`` reads, where it writes and what it refuses.
+
+    The layout, anomalous class, seed and val_fraction of the split come from ``data``.
+    """
+
+    source: str = "../shared/datasets/cifar10-jpeg.tar.gz"
+    data_root: str = "data"
+    name: str = Field("cifar10", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    workers: int = Field(2, ge=1, le=64)
+    on_bad_image: Literal["fail", "skip"] = "fail"
+    max_members: int = Field(1_000_000, ge=1)
+    max_member_bytes: int = Field(256 * 2**20, ge=1)
+    max_total_bytes: int = Field(64 * 2**30, ge=1)
+    track: bool = True
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_workers: int = Field(16, ge=1, le=256)
+    s3_max_attempts: int = Field(5, ge=1, le=20)
+    s3_retry_mode: Literal["standard", "adaptive", "legacy"] = "standard"
+    s3_page_size: int = Field(1000, ge=1, le=1000)
+    s3_timeout_s: float = Field(30.0, gt=0.0)
+
+
+class ExpectedCounts(_Section):
+    """Images per split the protocol promises; ``None`` leaves a count unchecked."""
+
+    train_val_normal: int | None = Field(None, ge=0)
+    test_normal: int | None = Field(None, ge=0)
+    test_anomalous: int | None = Field(None, ge=0)
+
+
+class ValidateConfig(_Section):
+    """What ``nestad validate`` requires of an ingested dataset before any training."""
+
+    report_dir: str = "reports/validation"
+    labels: tuple[str, ...] | None = None
+    min_size: int | None = Field(None, ge=1)
+    expected_counts: ExpectedCounts = ExpectedCounts()
+    verify_files: bool = True
+    data_docs: bool = True
+    examples: int = Field(5, ge=1, le=100)
+
+
 class Params(_Section):
     """All sections of params.yaml.
 
@@ -99,6 +143,8 @@ class Params(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    ingest: IngestConfig = IngestConfig()
+    validation: ValidateConfig = ValidateConfig()
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 

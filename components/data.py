@@ -348,8 +348,12 @@ def scan_source(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, bytes]]:
     return _build_manifest(files, cfg, str(source)), files
 
 
-def load_splits(cfg: DataConfig, progress: Progress | None = None) -> DatasetSplits:
-    """Read, split, subset and decode a source into train/val/test image sets."""
+def load_splits(cfg: DataConfig, progress: Progress | None = None,
+                include: tuple[str, ...] = SPLITS) -> DatasetSplits:
+    """Read, split, subset and decode a source into train/val/test image sets.
+
+    Splits not in ``include`` are left empty (not decoded); the split itself is the same.
+    """
     frame, files = scan_source(cfg)
     source = Path(cfg.source).expanduser()
     train_pool = frame[frame["split"] != "test"]
@@ -358,7 +362,7 @@ def load_splits(cfg: DataConfig, progress: Progress | None = None) -> DatasetSpl
     used = pd.concat([train_pool, test])
 
     def as_set(name: str) -> ImageSet:
-        rows = splits[name]
+        rows = splits[name] if name in include else splits[name].iloc[:0]
         items = []
         for rel in rows["path"]:
             data = files.get(rel)
@@ -369,6 +373,9 @@ def load_splits(cfg: DataConfig, progress: Progress | None = None) -> DatasetSpl
                 except OSError as exc:
                     raise DataError(f"{file}: cannot read ({exc.strerror})") from None
             items.append((f"{source}/{rel}", data))
+        if rows.empty:
+            shape = (0, cfg.channels, cfg.image_size, cfg.image_size)
+            return ImageSet(torch.zeros(shape, dtype=torch.uint8), np.zeros(0, int), [], [])
         images, sizes = decode_images(items, cfg.image_size, cfg.channels,
                                       cfg.min_image_size, cfg.decode_workers, progress)
         if (rows["width"] == 0).any():  # raw sources: sizes known only after decoding

@@ -1,0 +1,208 @@
+"""``nestad`` command line: thin glue over the stage functions in ``components.pipeline``.
+
+Every command reads ``params.yaml`` through ``components.config`` (``--profile`` and
+``-s KEY=VALUE`` override it) and turns a ``NestadError`` into one red line and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from components.errors import NestadError
+
+app = typer.Typer(
+    name="nestad",
+    help="Leak-free GAN anomaly detection (fully-nested encoder-decoder, Zhang 2022).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read.")]
+ProfileOpt = Annotated[
+    str | None, typer.Option("--profile", help="Profile from params.yaml: quick | paper.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override one key, e.g. -s train.epochs=2 (repeatable)."),
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Run folder for checkpoints, model, "
+                                                          "metrics and plots.")]
+
+
+def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a NestadError as one clear line and exit 2; leave everything else alone."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except NestadError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]: the last finished epoch is kept; "
+                          "continue with --resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _params(params: Path, profile: str | None, overrides: list[str] | None):
+    from components.config import load_params
+
+    return load_params(params, overrides or [], profile)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+
+
+def _print_metrics(report, out: Path) -> None:
+    table = Table(title="Test metrics (threshold-free AUROC/AUPRC; F1 etc. at the threshold)")
+    table.add_column("protocol")
+    for key in ("auroc", "auprc", "f1", "precision", "recall", "threshold"):
+        table.add_column(key, justify="right")
+    lf = report.leak_free
+    thr = report.norm.threshold(lf["threshold_used"])
+    table.add_row(f"leak-free (threshold {lf['threshold_used']})",
+                  *(f"{lf[k]:.4f}" for k in ("auroc", "auprc", "f1", "precision", "recall")),
+                  f"{thr:.4f}")
+    pc = report.paper_compatible
+    table.add_row("paper-compatible (test min-max, 0.2)",
+                  *(f"{pc[k]:.4f}" for k in ("auroc", "auprc", "f1", "precision", "recall",
+                                             "threshold")))
+    Console().print(table)
+    console.print(f"metrics: {out / 'metrics.json'}\nplots:   {out / 'plots'}\n"
+                  f"model:   {out / 'model' / 'detector.pt'}\nscores:  {out / 'test_scores.csv'}")
+
+
+@app.command()
+@friendly_errors
+def train(
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    out: OutOpt = Path("outputs"),
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.pt.")] = False,
+    evaluate: Annotated[bool, typer.Option(help="Evaluate right after training.")] = False,
+) -> None:
+    """Train on normal images; keep the epoch chosen on validation normals."""
+    from components.data import load_splits
+    from components.pipeline import evaluate_stage, train_stage
+
+    cfg = _params(params, profile, set_)
+    with _progress() as bar:
+        task = bar.add_task("decoding images", total=None, info="")
+        include = ("train", "val", "test") if evaluate else ("train", "val")
+        splits = load_splits(cfg.data, progress=lambda n: bar.advance(task, n), include=include)
+        bar.update(task, total=bar.tasks[task].completed)
+        console.print(f"train {len(splits.train)} · val {len(splits.val)} normal images"
+                      + (f" · test {len(splits.test)}" if evaluate else ""))
+        epochs = bar.add_task("epochs", total=cfg.train.epochs, info="")
+        batches = bar.add_task("batches", total=None, info="")
+
+        def on_batch(s) -> None:
+            bar.update(batches, completed=s.batch, total=s.batches,
+                       description=f"epoch {s.epoch}", info=f"D {s.loss_d:.3f}  G {s.loss_g:.3f}")
+
+        def on_epoch(r) -> None:
+            bar.update(epochs, completed=r.epoch,
+                       info=f"val R {r.val_recon:.4f}  {r.images_per_s:.0f} img/s")
+
+        result = train_stage(cfg, out, splits=splits, resume=resume, on_epoch=on_epoch,
+                             on_batch=on_batch)
+    console.print(f"kept epoch {result.best_epoch} (lowest validation reconstruction error) "
+                  f"on {result.runtime.device}, "
+                  f"{'bf16' if result.runtime.amp_dtype else 'fp32'}; "
+                  f"checkpoints in {out / 'checkpoints'}")
+    if evaluate:
+        _print_metrics(evaluate_stage(cfg, out, splits=splits), out)
+
+
+@app.command("evaluate")
+@friendly_errors
+def evaluate_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    out: OutOpt = Path("outputs"),
+) -> None:
+    """Fit normalisation on validation normals, then score the sealed test split once."""
+    from components.pipeline import evaluate_stage
+
+    cfg = _params(params, profile, set_)
+    with console.status("scoring validation and test images"):
+        report = evaluate_stage(cfg, out)
+    _print_metrics(report, out)
+
+
+@app.command()
+@friendly_errors
+def score(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model file or run folder's "
+                                        "model/ directory.")] = Path("outputs/model"),
+    output: Annotated[Path | None, typer.Option("--output", help="CSV to write "
+                                                "(default: standard output).")] = None,
+    threshold: Annotated[str | None, typer.Option(help="fpr | fixed (default: the model's).")
+                         ] = None,
+) -> None:
+    """Score images with a saved model: CSV of path, score, normalised_score, is_anomaly."""
+    import csv
+
+    from components.pipeline import score_paths
+
+    if threshold not in (None, "fpr", "fixed"):
+        raise NestadError(f"--threshold: {threshold!r} is not 'fpr' or 'fixed'")
+    rows = score_paths(model, paths, output, threshold=threshold)
+    if output is None:
+        writer = csv.DictWriter(sys.stdout, fieldnames=["path", "score", "normalised_score",
+                                                        "is_anomaly"])
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        flagged = sum(r["is_anomaly"] for r in rows)
+        console.print(f"scored {len(rows)} images, {flagged} flagged anomalous -> {output}")
+
+
+def _register_extensions() -> None:
+    """Commands of other areas (data, registry, flows) register themselves here."""
+    import importlib
+
+    for name in ("components.cli_data", "components.cli_registry", "components.cli_flows"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(app)
+    _registered.append(True)
+
+
+_registered: list[bool] = []
+
+
+def get_app() -> typer.Typer:
+    """The app with every area's commands registered (once)."""
+    if not _registered:
+        _register_extensions()
+    return app
+
+
+def main() -> None:
+    get_app()()
