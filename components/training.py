@@ -155,7 +155,7 @@ class GanTrainer:
         loss_d.backward()
         self.opt_d.step()
         if loss_d.item() < cfg.reinit_d_below:
-            d.apply(init_weights)
+            init_weights(d)
             self.d_reinits += 1
         return {"loss_g": loss_g.detach(), "loss_d": loss_d.detach(),
                 "loss_adv": loss_adv.detach(), "loss_con": loss_con.detach(),
