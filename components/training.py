@@ -228,8 +228,13 @@ def fit(
     on_epoch: Callable[[EpochReport], None] | None = None,
     on_batch: Callable[[BatchStats], None] | None = None,
     stop_after: int | None = None,
+    inspect_epoch: Callable[[int, nn.Module, nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train on ``train`` (normal images only), choose the kept epoch on ``val``.
+
+    ``inspect_epoch(epoch, G, D)`` lets a benchmark look at each epoch's networks (e.g. to
+    measure the reference code's best-epoch-on-test protocol); nothing it does feeds back
+    into training or the checkpoint choice, and the networks' modes are restored after it.
 
     ``stop_after`` ends the run after that many epochs, as an interruption would (tests).
     Raises TrainingError on a non-finite loss; the last good checkpoint is kept.
@@ -303,6 +308,10 @@ def fit(
                          "generator": trainer.generator.state_dict(),
                          "discriminator": trainer.discriminator.state_dict()}, best_path)
         save_atomic(trainer.state(epoch + 1, shuffle_rng, history, best), last_path)
+        if inspect_epoch:
+            inspect_epoch(report.epoch, trainer.generator, trainer.discriminator)
+            trainer.generator.train()
+            trainer.discriminator.train()
         if on_epoch:
             on_epoch(report)
 
