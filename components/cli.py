@@ -154,8 +154,10 @@ def evaluate_cmd(
 @friendly_errors
 def score(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="Model file or run folder's "
-                                        "model/ directory.")] = Path("outputs/model"),
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model file, run folder's "
+                                        "model/ directory, or a registered model "
+                                        "models:/<name>@<alias> | models:/<name>/<version>.")
+                     ] = Path("outputs/model"),
     output: Annotated[Path | None, typer.Option("--output", help="CSV to write "
                                                 "(default: standard output).")] = None,
     threshold: Annotated[str | None, typer.Option(help="fpr | fixed (default: the model's).")
@@ -168,6 +170,10 @@ def score(
 
     if threshold not in (None, "fpr", "fixed"):
         raise NestadError(f"--threshold: {threshold!r} is not 'fpr' or 'fixed'")
+    if str(model).startswith("models:/"):  # registry (params.yaml here): downloaded, cached
+        from components.tracking import resolve_model_uri
+
+        model = resolve_model_uri(str(model))
     rows = score_paths(model, paths, output, threshold=threshold)
     if output is None:
         writer = csv.DictWriter(sys.stdout, fieldnames=["path", "score", "normalised_score",
