@@ -7,6 +7,7 @@ the key. CLI overrides use dotted keys: ``train.epochs=2``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -132,6 +133,40 @@ class ValidateConfig(_Section):
     examples: int = Field(5, ge=1, le=100)
 
 
+class RegistryConfig(_Section):
+    """MLflow tracking, the model registry and the promotion gate (``components.tracking``).
+
+    Tracking URI: ``tracking_uri`` when set, else ``$MLFLOW_TRACKING_URI``, else an
+    embedded SQLite store ``sqlite:///<project>/mlflow.db`` (no server needed).
+    """
+
+    tracking_uri: str | None = None
+    artifact_location: str | None = None  # new experiment's artefact root
+    experiment: str = Field("nestad", min_length=1)
+    model_name: str = Field("nestad-detector", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    gate_metric: str = Field("leak_free.auroc",
+                             pattern=r"^(leak_free|paper_compatible)\.[A-Za-z0-9_.]+$")
+    gate_higher_is_better: bool = True
+    gate_margin: float = Field(0.0, ge=0.0)
+    http_max_retries: int = Field(3, ge=0, le=10)
+    http_backoff_factor: int = Field(1, ge=0, le=60)
+    http_timeout_s: int = Field(30, ge=1, le=3600)
+    lock_timeout_s: float = Field(60.0, gt=0.0)
+    lock_ttl_s: float = Field(300.0, gt=0.0)
+
+
+class PipelineConfig(_Section):
+    """What the DVC pipeline (``dvc.yaml``, ``nestad run``) and the retraining flow apply.
+
+    ``profile`` is passed as ``--profile`` by every pipeline stage and declared by the
+    stages that read profiled keys, so DVC sees both the choice and the profile's values
+    (a ``--profile`` typed on a command line would be invisible to it).
+    """
+
+    profile: str | None = None
+    min_new_normal_images: int = Field(1, ge=1)  # retrain when at least this many arrive
+
+
 class Params(_Section):
     """All sections of params.yaml.
 
@@ -145,10 +180,20 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     ingest: IngestConfig = IngestConfig()
     validation: ValidateConfig = ValidateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    pipeline: PipelineConfig = PipelineConfig()
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _check_pipeline_profile(self) -> Params:
+        name = self.pipeline.profile
+        if name is not None and name not in self.profiles:
+            known = ", ".join(sorted(self.profiles)) or "none"
+            raise ValueError(f"pipeline.profile={name!r} is not in profiles (known: {known})")
+        return self
 
-def _set_dotted(tree: dict[str, Any], key: str, raw: str) -> None:
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree
     for part in parts[:-1]:
@@ -156,7 +201,19 @@ def _set_dotted(tree: dict[str, Any], key: str, raw: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {key!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    node[parts[-1]] = value
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    """``"train.epochs=2"`` -> ``("train.epochs", 2)``; the value is read as YAML."""
+    key, sep, raw = item.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
+    try:
+        return key, yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override {key!r}: value {raw!r} is not valid YAML") from None
 
 
 def parse_params(tree: dict[str, Any] | None, origin: str = "params.yaml") -> Params:
@@ -189,19 +246,16 @@ def load_params(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         tree = loaded or {}
-    items = list(overrides or [])
+    pairs: list[tuple[str, Any]] = []
     if profile:
         profiles = tree.get("profiles") or {}
         if profile not in profiles:
             known = ", ".join(sorted(profiles)) or "none"
             raise ConfigError(f"{path}: profiles.{profile}: unknown profile (known: {known})")
-        items = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                 for k, v in profiles[profile].items()] + items
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
-        _set_dotted(tree, key.strip(), raw.strip())
+        pairs.extend(profiles[profile].items())
+    pairs.extend(_parse_override(item) for item in overrides or [])
+    for key, value in pairs:
+        _set_dotted(tree, key, value)
     return parse_params(tree, origin=str(path))
 
 
@@ -212,3 +266,41 @@ def flatten_params(params: Params) -> dict[str, Any]:
         for key, value in values.items():
             flat[f"{section}.{key}"] = value
     return flat
+
+
+_PROFILE_LINE = re.compile(r"^(?P<indent>[ \t]+)profile:[ \t]*(?P<value>[^#\r\n]*?)"
+                           r"(?P<rest>[ \t]*(?:#[^\r\n]*)?\r?\n?)$")
+
+
+def set_pipeline_profile(path: str | Path, profile: str) -> bool:
+    """Set ``pipeline.profile`` in params.yaml in place, comments kept (as ``dvc exp run
+    -S`` edits params); True when the file changed. The new file is validated first."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    section, found = None, None
+    for i, line in enumerate(lines):
+        if line.strip() and not line[0].isspace() and not line.startswith("#"):
+            section = line.split(":", 1)[0].strip()  # a top-level key
+        elif section == "pipeline" and (match := _PROFILE_LINE.match(line)):
+            found = i
+            lines[i] = f"{match['indent']}profile: {profile}{match['rest']}"
+            break
+    if found is None:
+        raise ConfigError(f"{path}: no pipeline.profile entry to set; add a 'pipeline:' "
+                          "section with a 'profile:' line")
+    text = "".join(lines)
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: profile {profile!r} would make invalid YAML ({exc})") from None
+    if parse_params(tree, origin=str(path)).pipeline.profile != profile:
+        raise ConfigError(f"{path}: could not set pipeline.profile to {profile!r}")
+    if text == path.read_text():
+        return False
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return True

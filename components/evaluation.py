@@ -59,10 +59,16 @@ class NormStats:
         return self.threshold_fpr if which == "fpr" else self.threshold_fixed
 
 
-def normalise(scores: np.ndarray, score_min: float, score_max: float) -> np.ndarray:
-    """(A - min) / (max - min), clipped to [0, 1]."""
+def normalise(scores: np.ndarray, score_min: float, score_max: float,
+              clip: bool = True) -> np.ndarray:
+    """(A - min) / (max - min), clipped to [0, 1] unless ``clip`` is False.
+
+    Ranking metrics use the unclipped value: clipping ties every score beyond the fitted
+    range and would understate AUROC/AUPRC. Flags at any threshold in (0, 1] are the same.
+    """
     span = max(score_max - score_min, 1e-12)
-    return np.clip((np.asarray(scores, dtype=np.float64) - score_min) / span, 0.0, 1.0)
+    normed = (np.asarray(scores, dtype=np.float64) - score_min) / span
+    return np.clip(normed, 0.0, 1.0) if clip else normed
 
 
 def fit_normalisation(val_scores: np.ndarray, cfg: EvaluateConfig) -> NormStats:
@@ -72,9 +78,12 @@ def fit_normalisation(val_scores: np.ndarray, cfg: EvaluateConfig) -> NormStats:
         raise ValueError("no validation scores to fit the normalisation on")
     lo, hi = float(val_scores.min()), float(val_scores.max())
     quantiles = {f"q{q:g}": float(np.quantile(val_scores, q)) for q in cfg.quantiles}
-    normed = normalise(val_scores, lo, hi)
-    # The smallest threshold that flags at most target_fpr of the validation normals.
-    fpr_threshold = float(np.quantile(normed, 1.0 - cfg.target_fpr, method="higher"))
+    normed = np.sort(normalise(val_scores, lo, hi))
+    # The smallest threshold (with ``>=``) that flags at most target_fpr of the validation
+    # normals: just above the (k+1)-th largest. With fewer than 1/target_fpr images k is 0
+    # and the threshold is 1.0, the validation maximum, which flags one image.
+    k = int(np.floor(cfg.target_fpr * len(normed) + 1e-9))
+    fpr_threshold = float(np.nextafter(normed[-k - 1], np.inf)) if k else 1.0
     return NormStats(lo, hi, quantiles, int(val_scores.size), cfg.fixed_threshold,
                      fpr_threshold, cfg.target_fpr)
 
@@ -125,7 +134,7 @@ def evaluate_scores(val_scores: np.ndarray, test_scores: np.ndarray, test_is_ano
                     cfg: EvaluateConfig, checkpoint_epoch: int) -> EvaluationReport:
     """Fit on validation normals, measure on test, under both protocols."""
     norm = fit_normalisation(val_scores, cfg)
-    normed = normalise(test_scores, norm.score_min, norm.score_max)
+    normed = normalise(test_scores, norm.score_min, norm.score_max, clip=False)
     chosen = classification_metrics(test_is_anomaly, normed, norm.threshold(cfg.threshold))
     leak_free = {
         "protocol": LEAK_FREE,
@@ -167,6 +176,7 @@ def write_plots(out_dir: Path, is_anomaly: np.ndarray, normed: np.ndarray, norm:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     y = np.asarray(is_anomaly).astype(int)
+    clipped = np.clip(normed, 0.0, 1.0)  # the histogram shows the score users see
     written = []
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
@@ -188,8 +198,8 @@ def write_plots(out_dir: Path, is_anomaly: np.ndarray, normed: np.ndarray, norm:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.linspace(0, 1, 51)
-    ax.hist(normed[y == 0], bins=bins, alpha=0.6, label="normal", density=True)
-    ax.hist(normed[y == 1], bins=bins, alpha=0.6, label="anomalous", density=True)
+    ax.hist(clipped[y == 0], bins=bins, alpha=0.6, label="normal", density=True)
+    ax.hist(clipped[y == 1], bins=bins, alpha=0.6, label="anomalous", density=True)
     ax.axvline(norm.threshold_fixed, color="k", ls="--", lw=1, label="fixed 0.2")
     ax.axvline(norm.threshold_fpr, color="r", ls=":", lw=1,
                label=f"FPR {norm.target_fpr:g} on val")

@@ -84,14 +84,14 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
                   provenance={"checkpoint_epoch": state["epoch"],
                               "data_source": params.data.source})
     write_metrics(report, out / "metrics.json")
-    normed = normalise(test.score, report.norm.score_min, report.norm.score_max)
+    normed = normalise(test.score, report.norm.score_min, report.norm.score_max, clip=False)
     threshold = report.norm.threshold(cfg.threshold)
     with (out / "test_scores.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "is_anomaly", "score", "normalised_score",
                          "flagged"])
         for row in zip(splits.test.paths, splits.test.labels, splits.test.is_anomaly,
-                       test.score, normed, strict=True):
+                       test.score, np.clip(normed, 0.0, 1.0), strict=True):
             writer.writerow([*row[:3], f"{row[3]:.6g}", f"{row[4]:.6f}", int(row[4] >= threshold)])
     if cfg.plots:
         inputs, recons = _grid(detector, splits.test, cfg.grid_images)
