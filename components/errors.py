@@ -23,3 +23,12 @@ class TrainingError(NestadError):
 
 class ModelFileError(NestadError):
     """A saved model or checkpoint is missing, corrupt or incompatible."""
+
+
+class ValidationFailed(NestadError):
+    """A dataset failed its expectation suite; the message names each failed expectation
+    and its first offending files."""
+
+
+class VersioningError(NestadError):
+    """A DVC operation (init, add, push, pull, reproduce) failed."""

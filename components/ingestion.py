@@ -10,7 +10,7 @@ The dataset folder, which ``components.data.load_splits`` reads through its mani
 
     manifest.csv                       MANIFEST_COLUMNS, one row per image, sorted by path
     images/<sha[:2]>/<sha256>.<ext>    the source's bytes, unchanged; ext from the content
-    ingest.json                        which manifest ingestion fully decoded
+    ingest.json                        the split protocol, and which manifest was decoded
 
 Images are content-addressed: an exact duplicate is stored once and an image never moves.
 Re-ingesting adds only unseen sha256s and never changes an existing row. Each run builds
@@ -55,6 +55,7 @@ from components.config import DataConfig, IngestConfig
 from components.data import (
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
+    NORMAL_LABEL,
     SPLITS,
     LayoutRecord,
     _check_no_empty_class_folders,
@@ -76,8 +77,16 @@ Progress = Callable[[int], None]
 
 _CHUNK = 256  # images per task sent to a decode worker
 _POOL_MIN_IMAGES = 4096  # below this, decoding inline beats starting worker processes
-_FORMAT_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "PPM": ".ppm", "BMP": ".bmp",
-                  "TIFF": ".tif", "WEBP": ".webp", "GIF": ".gif"}
+_FORMAT_SUFFIX = {
+    "JPEG": ".jpg",
+    "MPO": ".jpg",
+    "PNG": ".png",
+    "PPM": ".ppm",
+    "BMP": ".bmp",
+    "TIFF": ".tif",
+    "WEBP": ".webp",
+    "GIF": ".gif",
+}
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,11 @@ class _Entry:
     rel: str  # POSIX path inside the source
     size: int
     ref: Any = field(default=None, compare=False)  # TarInfo, ZipInfo, Path or S3 ETag
+    origin: str | None = None  # where it really came from, when ``rel`` is synthesised
+
+    @property
+    def where(self) -> str:
+        return self.origin or self.rel
 
 
 class _Source(Protocol):
@@ -143,30 +157,34 @@ class _Limits:
     def add(self, name: str, size: int) -> None:
         self.count += 1
         if self.count > self.cfg.max_members:
-            raise DataError(f"{self.uri}: more than {self.cfg.max_members:,} members; refused "
-                            "(raise ingest.max_members if this is expected)")
+            raise DataError(
+                f"{self.uri}: more than {self.cfg.max_members:,} members; refused "
+                "(raise ingest.max_members if this is expected)"
+            )
         if size > self.cfg.max_member_bytes:
-            raise DataError(f"{self.uri}: member {name!r} is {size:,} bytes, over "
-                            f"ingest.max_member_bytes={self.cfg.max_member_bytes:,}; refused")
+            raise DataError(
+                f"{self.uri}: member {name!r} is {size:,} bytes, over "
+                f"ingest.max_member_bytes={self.cfg.max_member_bytes:,}; refused"
+            )
         self.total += size
         if self.total > self.cfg.max_total_bytes:
-            raise DataError(f"{self.uri}: members total more than ingest.max_total_bytes="
-                            f"{self.cfg.max_total_bytes:,} bytes; refused")
+            raise DataError(
+                f"{self.uri}: members total more than ingest.max_total_bytes="
+                f"{self.cfg.max_total_bytes:,} bytes; refused"
+            )
 
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 def _safe_member_name(name: str, uri: str) -> str:
-    """The member's normalised relative path; absolute paths and ``..`` are refused."""
+    """The member's normalised relative path ("" for the root itself, e.g. ``./``);
+    absolute paths and ``..`` are refused."""
     if name.startswith(("/", "\\")) or _DRIVE.match(name):
         raise DataError(f"{uri}: member {name!r} has an absolute path; refused")
     if ".." in re.split(r"[/\\]", name):
         raise DataError(f"{uri}: member {name!r} climbs out of the archive ('..'); refused")
-    rel = PurePosixPath(name).as_posix()  # drops "./" and repeated slashes
-    if rel in ("", "."):
-        raise DataError(f"{uri}: member with an empty name; refused")
-    return rel
+    return "/".join(part for part in name.split("/") if part not in ("", "."))  # ./a//b -> a/b
 
 
 class _UniqueNames:
@@ -174,6 +192,8 @@ class _UniqueNames:
         self.uri, self.seen = uri, set[str]()
 
     def add(self, rel: str) -> None:
+        if not rel:
+            raise DataError(f"{self.uri}: a file member with an empty name; refused")
         if rel in self.seen:
             raise DataError(f"{self.uri}: member {rel!r} appears twice; refused")
         self.seen.add(rel)
@@ -188,11 +208,12 @@ class _FolderSource:
         limits, out = _Limits(self.cfg, self.uri), []
         for dirpath, dirnames, filenames in os.walk(self.path):
             base = Path(dirpath)
-            dirnames.sort()
+            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
             for name in dirnames:
                 if (base / name).is_symlink():
-                    raise DataError(f"{base / name}: symbolic link to a folder; pass the real "
-                                    "folder instead")
+                    raise DataError(
+                        f"{base / name}: symbolic link to a folder; pass the real folder instead"
+                    )
             for name in sorted(filenames):
                 file = base / name
                 rel = file.relative_to(self.path).as_posix()
@@ -206,7 +227,6 @@ class _FolderSource:
                     raise DataError(f"{file}: not a regular file; refused")
                 limits.add(rel, info.st_size)
                 out.append(_Entry(rel, info.st_size, file))
-            dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
         return out
 
     def read(self, entries: list[_Entry]) -> Iterator[tuple[_Entry, bytes]]:
@@ -360,8 +380,10 @@ def _s3_error(uri: str, action: str, exc: Exception) -> DataError:
     from botocore.exceptions import ClientError, NoCredentialsError
 
     if isinstance(exc, NoCredentialsError):
-        return DataError(f"{uri}: no AWS credentials found (set AWS_PROFILE or "
-                         "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or an instance role)")
+        return DataError(
+            f"{uri}: no AWS credentials found (set AWS_PROFILE or "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or an instance role)"
+        )
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         return DataError(f"{uri}: {action} failed ({err.get('Code', '?')}: {exc})")
@@ -377,21 +399,23 @@ class _S3Source:
     def entries(self) -> list[_Entry]:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        limits, out = _Limits(self.cfg, self.uri), []
+        limits, names, out = _Limits(self.cfg, self.uri), _UniqueNames(self.uri), []
         pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self.prefix,
+            Bucket=self.bucket,
+            Prefix=self.prefix,
             PaginationConfig={"PageSize": self.cfg.s3_page_size},
         )
         try:
             for page in pages:
                 for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(self.prefix):]
-                    if not rel or rel.endswith("/"):
+                    key = obj["Key"][len(self.prefix) :]
+                    if not key or key.endswith("/"):
                         continue  # "folder" marker objects
-                    rel = _safe_member_name(rel, self.uri)
+                    rel = _safe_member_name(key, self.uri)
                     limits.add(rel, obj["Size"])
+                    names.add(rel)
                     if not _is_hidden(rel):
-                        out.append(_Entry(rel, obj["Size"], obj.get("ETag")))
+                        out.append(_Entry(rel, obj["Size"], obj.get("ETag"), origin=key))
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(self.uri, "listing", exc) from None
         if not out:
@@ -408,8 +432,8 @@ class _S3Source:
             ResponseStreamingError,
         )
 
-        uri = f"s3://{self.bucket}/{self.prefix}{entry.rel}"
-        key = self.prefix + entry.rel
+        key = self.prefix + entry.where
+        uri = f"s3://{self.bucket}/{key}"
         # botocore retries failed requests; a body cut off mid-stream is retried here.
         for attempt in range(1, self.cfg.s3_max_attempts + 1):
             try:
@@ -417,8 +441,12 @@ class _S3Source:
                 response = self.client.get_object(Bucket=self.bucket, Key=key, **kwargs)
                 data = response["Body"].read()
                 break
-            except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError,
-                    ConnectionClosedError) as exc:
+            except (
+                ResponseStreamingError,
+                IncompleteReadError,
+                ReadTimeoutError,
+                ConnectionClosedError,
+            ) as exc:
                 if attempt == self.cfg.s3_max_attempts:
                     raise _s3_error(uri, f"download (after {attempt} attempts)", exc) from None
             except ClientError as exc:
@@ -432,8 +460,11 @@ class _S3Source:
             raise DataError(f"{uri}: got {len(data):,} bytes, the listing said {entry.size:,}")
         etag = (entry.ref or "").strip('"')
         encryption = response.get("ServerSideEncryption", "")
-        plain_md5 = (re.fullmatch(r"[0-9a-f]{32}", etag) and not encryption.startswith("aws:kms")
-                     and "SSECustomerAlgorithm" not in response)  # else the ETag is no MD5
+        plain_md5 = (
+            re.fullmatch(r"[0-9a-f]{32}", etag)
+            and not encryption.startswith("aws:kms")
+            and "SSECustomerAlgorithm" not in response
+        )  # else the ETag is no MD5
         if plain_md5 and hashlib.md5(data, usedforsecurity=False).hexdigest() != etag:
             raise DataError(f"{uri}: content does not match its ETag (corrupted download)")
         return data
@@ -510,7 +541,7 @@ _CIFAR_BATCH = re.compile(r"^(data_batch_\d+|test_batch)$")
 
 
 def _is_cifar_python(entries: list[_Entry]) -> bool:
-    names = {PurePosixPath(e.rel).name for e in entries}
+    names = {e.rel.rsplit("/", 1)[-1] for e in entries}
     return _CIFAR_META in names and any(_CIFAR_BATCH.match(n) for n in names)
 
 
@@ -537,13 +568,19 @@ class _CifarPythonSource:
         self._pixels: dict[str, np.ndarray] = {}
 
     def entries(self) -> list[_Entry]:
-        raw = [e for e in self.listed if PurePosixPath(e.rel).name == _CIFAR_META
-               or _CIFAR_BATCH.match(PurePosixPath(e.rel).name)]
-        loaded = {e.rel: restricted_loads(data, f"{self.uri}/{e.rel}")
-                  for e, data in self.inner.read(raw)}
+        raw = [
+            e
+            for e in self.listed
+            if PurePosixPath(e.rel).name == _CIFAR_META
+            or _CIFAR_BATCH.match(PurePosixPath(e.rel).name)
+        ]
+        loaded = {
+            e.rel: restricted_loads(data, f"{self.uri}/{e.rel}") for e, data in self.inner.read(raw)
+        }
         meta_rel = next(rel for rel in loaded if rel.endswith(_CIFAR_META))
-        label_names = [_text(n) for n in _field(loaded[meta_rel], "label_names",
-                                                f"{self.uri}/{meta_rel}")]
+        label_names = [
+            _text(n) for n in _field(loaded[meta_rel], "label_names", f"{self.uri}/{meta_rel}")
+        ]
         out = []
         for rel in sorted(loaded):
             if rel == meta_rel:
@@ -552,20 +589,31 @@ class _CifarPythonSource:
             data = _field(loaded[rel], "data", where)
             labels = list(_field(loaded[rel], "labels", where))
             filenames = [_text(n) for n in _field(loaded[rel], "filenames", where)]
-            if not (isinstance(data, np.ndarray) and data.dtype == np.uint8
-                    and data.ndim == 2 and data.shape[1] == 3 * 32 * 32):
+            if not (
+                isinstance(data, np.ndarray)
+                and data.dtype == np.uint8
+                and data.ndim == 2
+                and data.shape[1] == 3 * 32 * 32
+            ):
                 raise DataError(f"{where}: 'data' must be a uint8 array of shape (N, 3072)")
             if not len(labels) == len(filenames) == len(data):
                 raise DataError(f"{where}: 'data', 'labels' and 'filenames' differ in length")
             partition = "test" if PurePosixPath(rel).name == "test_batch" else "train"
             for row, label, filename in zip(data, labels, filenames, strict=True):
-                if not (isinstance(label, int) and 0 <= label < len(label_names)):
-                    raise DataError(f"{where}: label {label!r} of {filename!r} is not one of "
-                                    f"the {len(label_names)} classes")
+                if not (isinstance(label, int | np.integer) and 0 <= label < len(label_names)):
+                    raise DataError(
+                        f"{where}: label {label!r} of {filename!r} is not one of "
+                        f"the {len(label_names)} classes"
+                    )
                 stem = PurePosixPath(filename).stem or "image"
                 image_rel = f"{partition}/{label_names[label]}/{stem}.ppm"
+                n = 1
+                while image_rel in self._pixels:  # a file name repeated across batches
+                    n += 1
+                    image_rel = f"{partition}/{label_names[label]}/{stem}-{n}.ppm"
                 self._pixels[image_rel] = row
-                out.append(_Entry(image_rel, len(_PPM_HEADER) + row.size))
+                origin = f"{rel}/{PurePosixPath(filename).name}"
+                out.append(_Entry(image_rel, len(_PPM_HEADER) + row.size, origin=origin))
         return out
 
     def read(self, entries: list[_Entry]) -> Iterator[tuple[_Entry, bytes]]:
@@ -585,14 +633,16 @@ def _open_source(source: str, cfg: IngestConfig, s3_client: Any | None) -> _Sour
     if source.startswith("s3://"):
         src: _Source = _S3Source(source, cfg, s3_client)
     else:
-        path = Path(source).expanduser()
+        path = Path(source).expanduser().absolute()
         if path.is_dir():
             src = _FolderSource(path, cfg)
         elif is_archive(path):
             src = (_ZipSource if path.name.lower().endswith(".zip") else _TarSource)(path, cfg)
         elif path.exists():
-            raise DataError(f"{path}: not a folder, a supported archive (.tar, .tar.gz, .tgz, "
-                            ".zip) or an s3:// prefix")
+            raise DataError(
+                f"{path}: not a folder, a supported archive (.tar, .tar.gz, .tgz, "
+                ".zip) or an s3:// prefix"
+            )
         else:
             raise DataError(f"{path}: no such file or folder")
     return src
@@ -623,15 +673,29 @@ def image_path(sha256: str, suffix: str) -> str:
     return f"{IMAGES_DIR}/{sha256[:2]}/{sha256}{suffix}"
 
 
+def _write_new(path: str, data: bytes) -> None:
+    """Create ``path`` holding ``data`` (its folder too, on first use). Plain os calls: this
+    runs 60,000 times for CIFAR-10, where io.open and pathlib cost more than the disk."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
 def _probe_and_store(batch: list[tuple[str, bytes]], root: str | None) -> list[ImageProbe]:
     """Decode each image; write the decodable ones under ``root`` (worker-process safe)."""
     probes = []
     for sha, data in batch:
         probe = probe_image(data)
         if probe.error is None and root is not None:
-            file = Path(root) / image_path(sha, probe.suffix)
-            file.parent.mkdir(parents=True, exist_ok=True)
-            file.write_bytes(data)
+            _write_new(os.path.join(root, image_path(sha, probe.suffix)), data)
         probes.append(probe)
     return probes
 
@@ -646,17 +710,22 @@ class _Decoder:
 
     def __init__(self, root: Path | None, workers: int, expected: int) -> None:
         self.root = str(root) if root is not None else None
-        use_pool = (workers > 1 and expected >= _POOL_MIN_IMAGES
-                    and threading.active_count() == 1
-                    and "fork" in multiprocessing.get_all_start_methods())
-        self.pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-                     if use_pool else None)
+        use_pool = (
+            workers > 1
+            and expected >= _POOL_MIN_IMAGES
+            and threading.active_count() == 1
+            and "fork" in multiprocessing.get_all_start_methods()
+        )
+        self.pool = None
+        if use_pool:
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            self.pool.submit(int).result()  # fork every worker now, before S3 threads start
         self.limit = 3 * workers
-        self.pending: deque[tuple[list[Any], Future[list[ImageProbe]] | list[ImageProbe]]] = (
-            deque())
+        self.pending: deque[tuple[list[Any], Future[list[ImageProbe]] | list[ImageProbe]]] = deque()
 
-    def submit(self, keys: list[Any], batch: list[tuple[str, bytes]]) -> Iterator[
-            tuple[Any, ImageProbe]]:
+    def submit(
+        self, keys: list[Any], batch: list[tuple[str, bytes]]
+    ) -> Iterator[tuple[Any, ImageProbe]]:
         """Queue one batch; yield results of batches that are done, oldest first."""
         if self.pool is None:
             self.pending.append((keys, _probe_and_store(batch, self.root)))
@@ -679,12 +748,14 @@ class _Decoder:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def probe_images(items: Iterable[tuple[str, bytes]], workers: int = 2,
-                 expected: int = 0) -> Iterator[tuple[str, ImageProbe]]:
-    """Decode ``(name, bytes)`` items without storing them; yields in input order."""
+def probe_images(
+    items: Iterable[tuple[Any, bytes]], workers: int = 2, expected: int = 0
+) -> Iterator[tuple[Any, ImageProbe]]:
+    """Decode ``(key, bytes)`` items without storing them; yields ``(key, probe)`` in input
+    order. ``expected`` (the item count, if known) decides whether worker processes pay."""
     decoder = _Decoder(None, workers, expected)
     try:
-        keys: list[str] = []
+        keys: list[Any] = []
         batch: list[tuple[str, bytes]] = []
         for name, data in items:
             keys.append(name)
@@ -718,14 +789,28 @@ def _pick(copies: list[tuple[LayoutRecord, str]]) -> tuple[LayoutRecord, str]:
     return min(copies, key=lambda c: (c[0].is_normal, c[0].partition != "test", c[0].path))
 
 
-def _layout(entries: list[_Entry], data_cfg: DataConfig, uri: str
-            ) -> list[tuple[_Entry, LayoutRecord]]:
+def _layout(
+    entries: list[_Entry], data_cfg: DataConfig, uri: str, increment: bool
+) -> list[tuple[_Entry, LayoutRecord]]:
+    """Label each entry as ``components.data.parse_layout`` does.
+
+    parse_layout checks a whole dataset: the anomalous class, a normal training class (or
+    ``train/good/``) must be present. An increment to an existing dataset, such as a folder
+    of new normal images only, is exempt: placeholder paths satisfy those checks and are
+    dropped again, so labels still come from the one mapping in components.data.
+    """
     try:
         stripped = _strip_to_layout_root(dict.fromkeys((e.rel for e in entries), b""), Path(uri))
     except DataError as exc:  # data.py names the source as a Path; keep s3:// intact
         raise DataError(uri + str(exc).removeprefix(str(Path(uri)))) from None
     by_path = dict(zip(stripped, entries, strict=True))
-    records = parse_layout(list(stripped), data_cfg.layout, data_cfg.anomalous_class, uri)
+    placeholders = set()
+    if increment:
+        labels = [data_cfg.anomalous_class, "\0normal"] if data_cfg.layout == "classes" else []
+        placeholders = {f"train/{label}/\0placeholder.png" for label in [*labels, NORMAL_LABEL]}
+    paths = [*stripped, *sorted(placeholders)]
+    records = parse_layout(paths, data_cfg.layout, data_cfg.anomalous_class, uri)
+    records = [rec for rec in records if rec.path not in placeholders]
     if not records:
         raise DataError(f"{uri}: no images under train/ or test/")
     return [(by_path[rec.path], rec) for rec in records]
@@ -753,9 +838,15 @@ def _counts(frame: pd.DataFrame) -> dict[str, int]:
     return {split: int(counts.get(split, 0)) for split in SPLITS}
 
 
-def ingest(source: str, cfg: IngestConfig, data_cfg: DataConfig, *,
-           target: Path | None = None, s3_client: Any | None = None,
-           progress: Progress | None = None) -> IngestReport:
+def ingest(
+    source: str,
+    cfg: IngestConfig,
+    data_cfg: DataConfig,
+    *,
+    target: Path | None = None,
+    s3_client: Any | None = None,
+    progress: Progress | None = None,
+) -> IngestReport:
     """Add the images of ``source`` that the dataset lacks; return what was done.
 
     ``target`` defaults to ``cfg.data_root / cfg.name``. An unsafe or malformed source is
@@ -765,8 +856,10 @@ def ingest(source: str, cfg: IngestConfig, data_cfg: DataConfig, *,
     """
     started = time.perf_counter()
     if data_cfg.layout == "manifest":
-        raise DataError("data.layout=manifest describes an ingested dataset; ingestion reads "
-                        "a 'classes' or 'industrial' source")
+        raise DataError(
+            "data.layout=manifest describes an ingested dataset; ingestion reads "
+            "a 'classes' or 'industrial' source"
+        )
     target = Path(target if target is not None else Path(cfg.data_root) / cfg.name)
     target = target.expanduser().absolute()
     src = _open_source(source, cfg, s3_client)
@@ -775,7 +868,8 @@ def ingest(source: str, cfg: IngestConfig, data_cfg: DataConfig, *,
         if _is_cifar_python(entries):
             src = _CifarPythonSource(src, entries)
             entries = src.entries()
-        located = _layout(entries, data_cfg, src.uri)
+        increment = (target / MANIFEST_NAME).is_file()
+        located = _layout(entries, data_cfg, src.uri, increment)
         log.info("ingesting %d images from %s into %s", len(located), src.uri, target)
         # Everything above only read; from here on we write, beside the target.
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -784,34 +878,76 @@ def ingest(source: str, cfg: IngestConfig, data_cfg: DataConfig, *,
             return _ingest_locked(src, located, target, cfg, data_cfg, progress, started)
 
 
-def _ingest_locked(src: _Source, located: list[tuple[_Entry, LayoutRecord]], target: Path,
-                   cfg: IngestConfig, data_cfg: DataConfig, progress: Progress | None,
-                   started: float) -> IngestReport:
+def _ingest_locked(
+    src: _Source,
+    located: list[tuple[_Entry, LayoutRecord]],
+    target: Path,
+    cfg: IngestConfig,
+    data_cfg: DataConfig,
+    progress: Progress | None,
+    started: float,
+) -> IngestReport:
     if (target / MANIFEST_NAME).is_file():
         existing = read_manifest(target)
     elif target.exists() and any(target.iterdir()):
-        raise DataError(f"{target}: exists but holds no {MANIFEST_NAME}; refusing to write "
-                        "into it (choose another ingest.name)")
+        raise DataError(
+            f"{target}: exists but holds no {MANIFEST_NAME}; refusing to write "
+            "into it (choose another ingest.name)"
+        )
     else:
         existing = pd.DataFrame(columns=MANIFEST_COLUMNS)
-    known = dict(zip(existing["sha256"], zip(existing["label"], existing["is_normal"],
-                                               existing["path"], strict=True), strict=True))
+    protocol = _protocol(data_cfg)
+    recorded = _read_record(target).get("protocol") if len(existing) else None
+    if recorded and recorded != protocol:
+        changed_keys = ", ".join(
+            f"data.{key}={recorded.get(key)!r} (now {value!r})"
+            for key, value in protocol.items()
+            if recorded.get(key) != value
+        )
+        raise DataError(
+            f"{target}: was ingested with {changed_keys}; a dataset keeps one split "
+            "protocol, so ingest into another ingest.name or restore those values"
+        )
+    known = dict(
+        zip(
+            existing["sha256"],
+            zip(existing["label"], existing["is_normal"], existing["path"], strict=True),
+            strict=True,
+        )
+    )
     staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
         found, duplicates, conflicts = _stream(src, located, known, staging, cfg, progress)
-        skipped = tuple(f"{src.uri}/{f.copies[0][1]}: {f.probe.error}"
-                        for f in found.values() if f.probe and f.probe.error)
+        skipped = tuple(
+            f"{src.uri}/{f.copies[0][1]}: {f.probe.error}"
+            for f in found.values()
+            if f.probe and f.probe.error
+        )
         rows = []
         for sha, item in found.items():
             probe = item.probe
             if probe is None or probe.error is not None:
                 continue
             rec, rel = _pick(item.copies)
-            split = ("test" if not rec.is_normal or rec.partition == "test"
-                     else assign_split(sha, data_cfg.seed, data_cfg.val_fraction))
-            rows.append((image_path(sha, probe.suffix), sha, rec.label, rec.is_normal, split,
-                         probe.width, probe.height, probe.channels, f"{src.uri}/{rel}"))
+            split = (
+                "test"
+                if not rec.is_normal or rec.partition == "test"
+                else assign_split(sha, data_cfg.seed, data_cfg.val_fraction)
+            )
+            rows.append(
+                {
+                    "path": image_path(sha, probe.suffix),
+                    "sha256": sha,
+                    "label": rec.label,
+                    "is_normal": rec.is_normal,
+                    "split": split,
+                    "width": probe.width,
+                    "height": probe.height,
+                    "channels": probe.channels,
+                    "source": f"{src.uri}/{rel}",
+                }
+            )
         new = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         if new.empty:
             shutil.rmtree(staging)
@@ -822,22 +958,34 @@ def _ingest_locked(src: _Source, located: list[tuple[_Entry, LayoutRecord]], tar
                 _link_tree(target, staging, existing)
             frame = pd.concat([existing, new], ignore_index=True) if len(existing) else new
             frame = frame.sort_values("path", ignore_index=True)
-            _write_manifest(staging, frame, all_decoded=previously_decoded)
+            _write_manifest(staging, frame, previously_decoded, protocol)
             _swap(staging, target)
             changed = True
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return IngestReport(
-        dataset=target, source=src.uri, added=_counts(new), totals=_counts(frame),
-        seen=len(located), duplicates=duplicates, conflicts=tuple(conflicts[:20]),
-        skipped=skipped, changed=changed, seconds=time.perf_counter() - started,
+        dataset=target,
+        source=src.uri,
+        added=_counts(new),
+        totals=_counts(frame),
+        seen=len(located),
+        duplicates=duplicates,
+        conflicts=tuple(conflicts[:20]),
+        skipped=skipped,
+        changed=changed,
+        seconds=time.perf_counter() - started,
     )
 
 
-def _stream(src: _Source, located: list[tuple[_Entry, LayoutRecord]],
-            known: dict[str, tuple[str, bool, str]], staging: Path, cfg: IngestConfig,
-            progress: Progress | None) -> tuple[dict[str, _Found], int, list[str]]:
+def _stream(
+    src: _Source,
+    located: list[tuple[_Entry, LayoutRecord]],
+    known: dict[str, tuple[str, bool, str]],
+    staging: Path,
+    cfg: IngestConfig,
+    progress: Progress | None,
+) -> tuple[dict[str, _Found], int, list[str]]:
     """Read every source image once: hash it, and decode + store the ones not yet known."""
     found: dict[str, _Found] = {}
     duplicates, conflicts = 0, []
@@ -851,8 +999,10 @@ def _stream(src: _Source, located: list[tuple[_Entry, LayoutRecord]],
             found[sha].probe = probe
             done += 1
             if probe.error is not None and cfg.on_bad_image == "fail":
-                raise DataError(f"{src.uri}/{found[sha].copies[0][1]}: {probe.error} "
-                                "(set ingest.on_bad_image=skip to leave such images out)")
+                raise DataError(
+                    f"{src.uri}/{found[sha].copies[0][1]}: {probe.error} "
+                    "(set ingest.on_bad_image=skip to leave such images out)"
+                )
         if progress and done:
             progress(done)
 
@@ -865,14 +1015,15 @@ def _stream(src: _Source, located: list[tuple[_Entry, LayoutRecord]],
                 duplicates += 1
                 label, is_normal, path = known[sha]
                 if (label, bool(is_normal)) != (rec.label, rec.is_normal):
-                    conflicts.append(f"{src.uri}/{entry.rel} is already stored as {path} "
-                                     f"with label {label!r}")
+                    conflicts.append(
+                        f"{src.uri}/{entry.where} is already stored as {path} with label {label!r}"
+                    )
                 continue
             if sha in found:
                 duplicates += 1
-                found[sha].copies.append((rec, entry.rel))
+                found[sha].copies.append((rec, entry.where))
                 continue
-            found[sha] = _Found([(rec, entry.rel)])
+            found[sha] = _Found([(rec, entry.where)])
             keys.append(sha)
             batch.append((sha, data))
             if len(batch) == _CHUNK:
@@ -887,8 +1038,10 @@ def _stream(src: _Source, located: list[tuple[_Entry, LayoutRecord]],
         labels = {(rec.label, rec.is_normal) for rec, _ in item.copies}
         if len(labels) > 1:
             kept = _pick(item.copies)
-            conflicts.append(f"{src.uri}/{kept[1]} has identical copies labelled "
-                             f"{sorted(label for label, _ in labels)}; kept {kept[0].label!r}")
+            conflicts.append(
+                f"{src.uri}/{kept[1]} has identical copies labelled "
+                f"{sorted(label for label, _ in labels)}; kept {kept[0].label!r}"
+            )
     return found, duplicates, conflicts
 
 
@@ -905,8 +1058,9 @@ def _exclusive(directory: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DataError(f"{directory}: another ingestion is writing here; run again when "
-                            "it has finished") from None
+            raise DataError(
+                f"{directory}: another ingestion is writing here; run again when it has finished"
+            ) from None
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -941,19 +1095,34 @@ def _link_tree(source: Path, dest: Path, existing: pd.DataFrame) -> None:
         dirnames.sort()
     missing = [p for p in existing["path"] if not (dest / p).is_file()]
     if missing:
-        raise DataError(f"{source / missing[0]}: listed in {MANIFEST_NAME} but missing "
-                        f"({len(missing)} such files); restore the dataset (`dvc checkout`) "
-                        "before ingesting more")
+        raise DataError(
+            f"{source / missing[0]}: listed in {MANIFEST_NAME} but missing "
+            f"({len(missing)} such files); restore the dataset (`dvc checkout`) "
+            "before ingesting more"
+        )
 
 
-def _write_manifest(dataset: Path, frame: pd.DataFrame, all_decoded: bool) -> None:
+def _protocol(data_cfg: DataConfig) -> dict[str, Any]:
+    """The DataConfig values that decide labels and splits; fixed for a dataset's life."""
+    keys = ("layout", "anomalous_class", "seed", "val_fraction")
+    return {key: getattr(data_cfg, key) for key in keys}
+
+
+def _write_manifest(
+    dataset: Path, frame: pd.DataFrame, all_decoded: bool, protocol: dict[str, Any]
+) -> None:
     manifest = dataset / MANIFEST_NAME
     with open(manifest, "w", newline="") as fh:
         frame[MANIFEST_COLUMNS].to_csv(fh, index=False)
         fh.flush()
         os.fsync(fh.fileno())
-    record = {"format": 1, "images": len(frame), "all_decoded": all_decoded,
-              "manifest_sha256": sha256_hex(manifest.read_bytes())}
+    record = {
+        "format": 1,
+        "images": len(frame),
+        "all_decoded": all_decoded,
+        "manifest_sha256": sha256_hex(manifest.read_bytes()),
+        "protocol": protocol,
+    }
     (dataset / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
 

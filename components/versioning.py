@@ -1,0 +1,174 @@
+"""Data versioning with DVC: the only module that drives it.
+
+``data/`` is tracked as one output by the top-level ``data.dvc``; its md5 (a directory
+hash ending in ``.dir``) is the data version that training, evaluation and the registry
+record. DVC runs in-process through ``dvc.repo.Repo``. Every target is passed as an
+absolute path, and DVC runs with the cwd at the repo root (see ``_repo``).
+
+Remotes: a local folder, or S3 (``dvc-s3``) with an ``endpointurl`` for S3-compatible
+servers. Credentials, when given at all, go only to ``.dvc/config.local`` (git-ignored);
+otherwise dvc-s3 uses the standard AWS credential chain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.errors import VersioningError
+
+DATA_TARGET = "data"
+
+
+def _git_toplevel(path: Path) -> Path | None:
+    for folder in (path, *path.parents):
+        if (folder / ".git").exists():
+            return folder
+    return None
+
+
+@contextlib.contextmanager
+def _repo(root: Path, action: str) -> Iterator[Any]:
+    """Open the DVC repo at ``root``; turn DVC's errors into one-line VersioningErrors."""
+    from dvc.config import NoRemoteError
+    from dvc.exceptions import DvcException, NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        repo = Repo(str(root))
+    except NotDvcRepoError:
+        raise VersioningError(
+            f"{root}: not a DVC repository (`nestad ingest` initialises one, or run `dvc init`)"
+        ) from None
+    try:
+        # DVC is cwd-sensitive beyond targets: its run cache builds stages from the relative
+        # path "dvc.yaml" (dvc/stage/cache.py) and status() keys stages relative to the cwd.
+        # So DVC runs with the cwd at the root (process-wide: don't call DVC concurrently).
+        with contextlib.chdir(root), repo:
+            yield repo
+    except NoRemoteError:
+        raise VersioningError(
+            f"dvc {action} in {root}: no DVC remote configured (add one with "
+            "`nestad data-remote <folder or s3://bucket/prefix>`)"
+        ) from None
+    except DvcException as exc:
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""  # e.g. why a stage failed
+        raise VersioningError(f"dvc {action} in {root}: {exc}{cause}") from None
+
+
+def ensure_repo(root: Path) -> bool:
+    """Make ``root`` a DVC repository if it is not one; True when it was initialised now.
+
+    Inside a git work tree DVC stages its own config files in git's index (as `dvc init`
+    does); outside one it runs without an SCM.
+    """
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    root = Path(root).absolute()
+    if (root / ".dvc").is_dir():
+        return False
+    top = _git_toplevel(root)
+    try:
+        Repo.init(str(root), no_scm=top is None, subdir=top is not None and top != root).close()
+    except DvcException as exc:
+        raise VersioningError(f"dvc init in {root}: {exc}") from None
+    with _repo(root, "config") as repo, repo.config.edit() as conf:
+        conf["core"]["analytics"] = False  # these machines have no internet to report to
+    return True
+
+
+def track_data(root: Path, target: str = DATA_TARGET) -> str:
+    """``dvc add`` the folder ``root/target`` (writing ``root/<target>.dvc``); return the
+    data version."""
+    root = Path(root).absolute()
+    path = root / target
+    if not path.is_dir():
+        raise VersioningError(f"{path}: no such folder to track")
+    with _repo(root, "add") as repo:
+        repo.add([str(path)])
+    return data_version(root, target)
+
+
+def data_version(root: Path, target: str = DATA_TARGET) -> str:
+    """The md5 recorded in ``root/<target>.dvc``: the version of the tracked data."""
+    dvc_file = Path(root).absolute() / f"{target}.dvc"
+    try:
+        outs = yaml.safe_load(dvc_file.read_text())["outs"]
+        return str(outs[0]["md5"])
+    except FileNotFoundError:
+        raise VersioningError(
+            f"{dvc_file}: not found; the data is not tracked yet (run `nestad ingest`)"
+        ) from None
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as exc:
+        raise VersioningError(f"{dvc_file}: unreadable DVC file ({exc})") from None
+
+
+def configure_remote(
+    root: Path,
+    url: str | Path,
+    *,
+    name: str = "storage",
+    default: bool = True,
+    endpoint_url: str | None = None,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+) -> None:
+    """Add or update a DVC remote: a local folder, or ``s3://bucket/prefix``.
+
+    ``endpoint_url`` points S3 at a compatible server. Credentials are written only to
+    ``.dvc/config.local``; without them dvc-s3 uses the standard AWS chain.
+    """
+    root, url = Path(root).absolute(), str(url)
+    if "://" not in url:  # a local folder
+        url = str(Path(url).expanduser().absolute())
+    with _repo(root, "remote") as repo:
+        with repo.config.edit() as conf:
+            remote = conf["remote"].setdefault(name, {})
+            remote["url"] = url
+            if endpoint_url:
+                remote["endpointurl"] = endpoint_url
+            if default:
+                conf["core"]["remote"] = name
+        if access_key_id or secret_access_key:
+            with repo.config.edit("local") as local:
+                secret = local["remote"].setdefault(name, {})
+                if access_key_id:
+                    secret["access_key_id"] = access_key_id
+                if secret_access_key:
+                    secret["secret_access_key"] = secret_access_key
+
+
+def push(root: Path, remote: str | None = None, target: str = DATA_TARGET) -> int:
+    """Upload the tracked data to the remote; the number of files transferred."""
+    root = Path(root).absolute()
+    with _repo(root, "push") as repo:
+        return int(repo.push(targets=[str(root / f"{target}.dvc")], remote=remote))
+
+
+def pull(root: Path, remote: str | None = None, target: str = DATA_TARGET) -> dict[str, Any]:
+    """Download the tracked data and check it out; DVC's stats (fetched, added...)."""
+    root = Path(root).absolute()
+    with _repo(root, "pull") as repo:
+        result = repo.pull(targets=[str(root / f"{target}.dvc")], remote=remote)
+    return dict(result.get("stats", {}))
+
+
+def reproduce(root: Path, stage: str | None = None) -> list[str]:
+    """``dvc repro`` one stage of ``root/dvc.yaml`` (all when None); the stages that ran."""
+    root = Path(root).absolute()
+    dvc_yaml = root / "dvc.yaml"
+    target = f"{dvc_yaml}:{stage}" if stage else str(dvc_yaml)
+    with _repo(root, "repro") as repo:
+        return [stage.addressing for stage in repo.reproduce(targets=[target])]
+
+
+def status(root: Path) -> dict[str, Any]:
+    """``dvc status``: what changed since the last commit of pipelines and data
+    (empty when everything is up to date)."""
+    with _repo(Path(root).absolute(), "status") as repo:
+        return dict(repo.status())
