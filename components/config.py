@@ -71,6 +71,7 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
+    compile: bool | Literal["auto"] = "auto"
     seed: int = Field(0, ge=0)
     select_on: Literal["val_recon", "last"] = "val_recon"
     reinit_d_below: float = Field(1e-5, ge=0.0)
