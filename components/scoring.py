@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable
-from contextlib import nullcontext
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +28,14 @@ from torch.fx.proxy import TraceError
 
 from components.data import to_model_input
 
-# ``compile="auto"`` compiles a job only when it is at least this long. Measured with
-# benchmarks/throughput.py on a 2-core AVX2 CPU: inductor needs 2-10 minutes to compile the
-# default model there (seconds with a warm cache), and then trains ~1.2x and scores ~1.15x
-# faster than the eager path (which already folds BN and uses channels_last), so it repays
-# itself only over long jobs. CUDA is unmeasured here; the same rule applies.
-COMPILE_MIN_TRAIN_STEPS = 2000
-COMPILE_MIN_SCORE_IMAGES = 100_000
+# ``compile="auto"`` compiles on CUDA only, and only jobs at least this long. On the 2-core
+# AVX2 CPU this was measured on (benchmarks/throughput.py), inductor took 2.5-5 minutes to
+# compile the default model (seconds with a warm cache) and was then no faster than the
+# eager path (channels_last, one thread, BN folded for scoring) within the noise, ±10%.
+# On CUDA, where the eager step is bound by many small memory-bound kernels that inductor
+# fuses, compiling is the usual win for long runs; that side is not measured here.
+COMPILE_MIN_TRAIN_STEPS = 5000
+COMPILE_MIN_SCORE_IMAGES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,15 @@ class Runtime:
     """Where and how to run a network.
 
     ``compile`` is True, False or ``"auto"``: whether the training step and the scorer run
-    through ``torch.compile`` (inductor); see :func:`compile_pays_off`.
+    through ``torch.compile`` (inductor); see :func:`compile_pays_off`. ``threads`` is the
+    number of intra-op CPU threads for training and scoring (None: PyTorch's default).
     """
 
     device: torch.device
     amp_dtype: torch.dtype | None  # None = full fp32
     channels_last: bool
     compile: bool | str = False
+    threads: int | None = None
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -70,15 +74,50 @@ class Runtime:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def compile_pays_off(setting: bool | str, work: int, min_work: int) -> bool:
+def compile_pays_off(setting: bool | str, device_type: str, work: int, min_work: int) -> bool:
     """Whether to ``torch.compile`` a job of ``work`` units (training steps, images).
 
-    True / False are obeyed; ``"auto"`` compiles when ``work >= min_work``, the length from
-    which the faster steps repay the minutes of compilation.
+    True / False are obeyed; ``"auto"`` compiles on CUDA when ``work >= min_work``, the
+    length from which faster steps repay the compilation; never on CPU, where it did not pay.
     """
     if setting == "auto":
-        return work >= min_work
+        return device_type == "cuda" and work >= min_work
     return bool(setting)
+
+
+def resolve_threads(setting: int | str, cpus: int) -> int | None:
+    """Intra-op CPU threads for a setting: a number is obeyed; ``"auto"`` is 1 on machines of
+    at most 2 CPUs, else None (PyTorch's default, one per CPU).
+
+    On 2 shared CPUs the second OpenMP thread spin-waits at every barrier for a core that
+    other processes hold: measured here, one thread trained 2.5x and scored 2-3x faster than
+    two (benchmarks/throughput.py). The choice depends on the machine only, so a resumed
+    run rounds exactly as the interrupted one did.
+    """
+    if setting == "auto":
+        return 1 if cpus <= 2 else None
+    return int(setting)
+
+
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op threads (None: as set), then restore them."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the CPUs this process may run on
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -91,7 +130,8 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_runtime(device: str = "auto", precision: str = "auto",
-                    channels_last: bool = True, compile: bool | str = "auto") -> Runtime:
+                    channels_last: bool = True, compile: bool | str = "auto",
+                    threads: int | str = "auto") -> Runtime:
     """CUDA when present (or asked for), else CPU; bf16 autocast where the hardware has it.
 
     On CUDA cuDNN may pick the fastest convolution algorithms (``cudnn.benchmark``): runs
@@ -109,7 +149,8 @@ def resolve_runtime(device: str = "auto", precision: str = "auto",
         precision = "bf16" if fast else "fp32"
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each conv once
-    return Runtime(dev, torch.bfloat16 if precision == "bf16" else None, channels_last, compile)
+    return Runtime(dev, torch.bfloat16 if precision == "bf16" else None, channels_last, compile,
+                   resolve_threads(threads, _cpus()))
 
 
 @dataclass
@@ -183,12 +224,13 @@ def score_images(generator: nn.Module, discriminator: nn.Module, images: Tensor,
     if len(images) == 0:
         empty = np.zeros(0)
         return Scores(empty, empty.copy(), empty.copy())
-    compiled = compile_pays_off(runtime.compile, len(images), COMPILE_MIN_SCORE_IMAGES)
+    compiled = compile_pays_off(runtime.compile, runtime.device.type, len(images),
+                                COMPILE_MIN_SCORE_IMAGES)
     batch_size = min(batch_size, len(images))
     g, d = _scoring_networks(generator, discriminator, runtime, compiled)
     run = _compiled_score_batch() if compiled else score_batch
     out: list[tuple[Tensor, Tensor, Tensor]] = []
-    with torch.inference_mode():
+    with torch.inference_mode(), intra_op_threads(runtime.threads):
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             n = len(chunk)

@@ -38,6 +38,7 @@ from components.scoring import (
     COMPILE_MIN_TRAIN_STEPS,
     Runtime,
     compile_pays_off,
+    intra_op_threads,
     resolve_runtime,
     score_images,
 )
@@ -139,6 +140,10 @@ class GanTrainer:
 
     def step(self, x: Tensor) -> dict[str, Tensor]:
         """One G update then one D update on a float batch ``x`` (B, C, H, W) in [-1, 1]."""
+        with intra_op_threads(self.runtime.threads):
+            return self._step(x)
+
+    def _step(self, x: Tensor) -> dict[str, Tensor]:
         cfg, g, d = self.cfg, self._g, self._d
         # --- generator: D's parameters need no gradient here, only its input does.
         # f(x) is computed again, with gradients, in the D update below; one shared pass
@@ -265,13 +270,14 @@ def fit(
         raise TrainingError("train and val must hold normal images only")
     if len(train) < 2:
         raise TrainingError(f"need at least 2 training images, got {len(train)}")
-    runtime = resolve_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile)
+    runtime = resolve_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile,
+                              cfg.threads)
     torch.manual_seed(cfg.seed)
     _, channels, height, _ = train.images.shape
     generator, discriminator = build_networks(model_cfg, channels, height)
     steps = (len(train) // min(cfg.batch_size, len(train))) * cfg.epochs
-    trainer = GanTrainer(generator, discriminator, cfg, runtime,
-                         compile=compile_pays_off(cfg.compile, steps, COMPILE_MIN_TRAIN_STEPS))
+    compiled = compile_pays_off(cfg.compile, runtime.device.type, steps, COMPILE_MIN_TRAIN_STEPS)
+    trainer = GanTrainer(generator, discriminator, cfg, runtime, compile=compiled)
     shuffle_rng = torch.Generator().manual_seed(cfg.seed)
     history: list[EpochReport] = []
     best: dict[str, Any] = {"epoch": 0, "val_recon": math.inf}

@@ -1,0 +1,269 @@
+"""The pipeline's project-level steps, shared by the Prefect flows, ``nestad run`` and the
+overhead benchmark: run one DVC stage, read the validation verdict, describe the data
+and the newest model's data, and apply the promotion gate. No Prefect here.
+
+A project is a folder holding ``params.yaml`` and ``dvc.yaml``. Its layout (the DVC
+stages' outputs)::
+
+    <ingest.data_root>/<ingest.name>/   the ingested dataset (stage ``ingest``)
+    <validation.report_dir>/            summary.json, validation.json, data_docs/
+    outputs/                            the run folder (``components.pipeline``)
+    mlflow.db, mlartifacts/             the embedded MLflow store, unless configured
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from components.config import Params, load_params
+from components.decisions import DataState
+from components.errors import ConfigError, NestadError, ValidationFailed, VersioningError
+
+STAGES = ("ingest", "validate", "train", "evaluate", "register")
+RUN_FOLDER = "outputs"  # the run folder dvc.yaml's stages write
+
+
+@dataclass(frozen=True)
+class Project:
+    """A pipeline project: its root and the parameters its params.yaml holds."""
+
+    root: Path
+    params: Params
+
+    def resolve(self, value: str) -> Path:
+        """A params.yaml path, relative ones read from the project root."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.root / path
+
+    @property
+    def dataset(self) -> Path:
+        return self.resolve(self.params.ingest.data_root) / self.params.ingest.name
+
+    @property
+    def report_dir(self) -> Path:
+        return self.resolve(self.params.validation.report_dir)
+
+    @property
+    def out(self) -> Path:
+        return self.root / RUN_FOLDER
+
+
+def load_project(root: str | Path = ".") -> Project:
+    """The project at ``root``; raise ConfigError unless it has a pipeline to run."""
+    root = Path(root).expanduser().resolve()
+    if not (root / "dvc.yaml").is_file():
+        raise ConfigError(f"{root}: no dvc.yaml here; run from the nestad project folder")
+    params = load_params(root / "params.yaml")
+    if params.pipeline.profile is None:
+        known = ", ".join(sorted(params.profiles)) or "none defined"
+        raise ConfigError(
+            f"{root / 'params.yaml'}: pipeline.profile is not set; the pipeline "
+            f"needs a profile (known: {known})"
+        )
+    return Project(root, params)
+
+
+def prepare(project: Project) -> bool:
+    """Make the project a DVC repository if needed (True when initialised now), and refuse
+    a ``data.dvc`` that would claim the dataset the ``ingest`` stage produces."""
+    from components.versioning import ensure_repo
+
+    data_root = project.resolve(project.params.ingest.data_root)
+    dvc_file = data_root.with_name(f"{data_root.name}.dvc")
+    if dvc_file.is_file():
+        raise VersioningError(
+            f"{dvc_file} tracks {data_root}/ outside the pipeline (from "
+            "`nestad ingest` with ingest.track=true), but dvc.yaml's ingest stage versions "
+            f"{project.dataset.relative_to(project.root)} itself; remove the .dvc file with "
+            f"`dvc remove {dvc_file.name}` (the data stays) and run again"
+        )
+    return ensure_repo(project.root)
+
+
+@contextlib.contextmanager
+def _this_interpreter_on_path() -> Iterator[None]:
+    """Stage commands call ``nestad``: find this environment's one even when the virtual
+    environment is not activated (e.g. ``.venv/bin/nestad run``)."""
+    bin_dir = str(Path(sys.executable).parent)
+    saved = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{saved}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = saved
+
+
+def run_stage(project: Project, stage: str) -> bool:
+    """``dvc repro`` one stage (and any stale upstream one); True when it ran, False when
+    DVC found it up to date. A failed validation raises ValidationFailed naming each
+    failed expectation."""
+    from components.versioning import reproduce
+
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+    try:
+        with _this_interpreter_on_path():
+            ran = reproduce(project.root, stage)
+    except VersioningError as exc:
+        failure = validation_failure(project) if stage == "validate" else None
+        if failure:
+            raise ValidationFailed(failure) from exc
+        raise
+    return any(name == stage or name.endswith(f":{stage}") for name in ran)
+
+
+def _read_summary(project: Project) -> dict[str, Any] | None:
+    try:
+        return json.loads((project.report_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def validation_failure(project: Project) -> str | None:
+    """The failed expectations of the last validation, one per line; None if it passed or
+    left no summary."""
+    from components.validation import ExpectationOutcome
+
+    summary = _read_summary(project)
+    if not summary or summary.get("success", True):
+        return None
+    keys = {f.name for f in fields(ExpectationOutcome)}
+    failed = [
+        ExpectationOutcome(
+            **(
+                {k: v for k, v in o.items() if k in keys}
+                | {"examples": tuple(o.get("examples") or ())}
+            )
+        )
+        for o in summary.get("outcomes", [])
+        if not o.get("success")
+    ]
+    docs = summary.get("data_docs") or str(project.report_dir / "validation.json")
+    lines = "\n".join(f"  {outcome.describe()}" for outcome in failed)
+    return (
+        f"validation failed: {len(failed)} of {len(summary.get('outcomes', []))} "
+        f"expectations on {summary.get('dataset')} (report: {docs}); nothing was "
+        f"trained or registered\n{lines}"
+    )
+
+
+def _normal_train_images(counts: dict[str, Any] | None) -> int | None:
+    if not counts:
+        return None
+    return sum(int((counts.get(split) or {}).get("normal", 0)) for split in ("train", "val"))
+
+
+def data_state(project: Project) -> DataState:
+    """The ingested dataset's version (the key the registry records) and normal count."""
+    from components.tracking import describe_data
+
+    if not (project.dataset / "manifest.csv").is_file():
+        return DataState(None, None)
+    data = describe_data(str(project.dataset), project.root)
+    return DataState(data.key, _normal_train_images(data.counts))
+
+
+def _registry(project: Project) -> Any:
+    from components.tracking import open_registry
+
+    return open_registry(project.params.registry, project.root)
+
+
+def trained_state(project: Project) -> DataState | None:
+    """The data the newest registered version was trained on; None when none exists."""
+    from components.tracking import lineage, list_versions
+
+    reg = _registry(project)
+    versions = list_versions(reg)
+    if not versions:
+        return None
+    newest = versions[0]
+    counts = lineage(reg, newest["version"])["data"]["counts"]
+    return DataState(newest["data_version"], _normal_train_images(counts))
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registered version and its aliases."""
+
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    data_version: str | None
+    metrics: dict[str, float | None]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def registered_models(project: Project) -> list[RegisteredModel]:
+    """Every version of the configured model, newest first."""
+    from components.tracking import list_versions
+
+    return [
+        RegisteredModel(
+            row["name"],
+            row["version"],
+            tuple(row["aliases"]),
+            row["data_version"],
+            dict(row["metrics"]),
+        )
+        for row in list_versions(_registry(project))
+    ]
+
+
+def newest_candidate(project: Project) -> RegisteredModel:
+    """The version holding ``candidate`` (what the register stage just made)."""
+    for model in registered_models(project):
+        if "candidate" in model.aliases:
+            return model
+    raise NestadError(
+        f"the register stage ran but no version of "
+        f"{project.params.registry.model_name!r} holds 'candidate'"
+    )
+
+
+@dataclass(frozen=True)
+class PromotionOutcome:
+    """What the promotion gate did with one version."""
+
+    version: str
+    promoted: bool
+    reason: str
+    production: str | None  # the version holding ``production`` afterwards
+
+
+def promote_if_better(project: Project, version: str) -> PromotionOutcome:
+    """Apply the gate (``components.promotion.decide_promotion``): a version that beats
+    production (or the first one) moves candidate -> staging -> production; one that does
+    not keeps ``candidate``, so staging is not taken by a loser."""
+    from components.promotion import PRODUCTION, decide_promotion
+    from components.tracking import list_versions, promote_auto, version_figures
+
+    reg, cfg = _registry(project), project.params.registry
+    holder = next(
+        (row["version"] for row in list_versions(reg) if PRODUCTION in row["aliases"]), None
+    )
+    decision = decide_promotion(
+        version_figures(reg, version),
+        version_figures(reg, holder) if holder else None,
+        cfg.gate_metric,
+        cfg.gate_margin,
+        cfg.gate_higher_is_better,
+    )
+    if not decision.promote:
+        return PromotionOutcome(version, False, decision.reason, holder)
+    # The gate runs again under the promotion lock: that verdict is the one that counts.
+    steps = promote_auto(reg, version, reason="training flow")
+    final = steps[-1]
+    return PromotionOutcome(
+        version, final.promoted, final.reason, version if final.promoted else holder
+    )
