@@ -70,8 +70,8 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
     detector = build_detector(params.model, channels, size, cfg.score_weight)
     detector.generator.load_state_dict(state["generator"])
     detector.discriminator.load_state_dict(state["discriminator"])
-    runtime = resolve_runtime(params.train.device, params.train.precision,
-                              params.train.channels_last)
+    tc = params.train
+    runtime = resolve_runtime(tc.device, tc.precision, tc.channels_last, tc.compile, tc.threads)
     detector.to(runtime.device)
     g, d = detector.generator, detector.discriminator
     val = score_images(g, d, splits.val.images, cfg.score_weight, runtime, cfg.batch_size)

@@ -90,9 +90,10 @@ def resolve_threads(setting: int | str, cpus: int) -> int | None:
     at most 2 CPUs, else None (PyTorch's default, one per CPU).
 
     On 2 shared CPUs the second OpenMP thread spin-waits at every barrier for a core that
-    other processes hold: measured here, one thread trained 2.5x and scored 2-3x faster than
-    two (benchmarks/throughput.py). The choice depends on the machine only, so a resumed
-    run rounds exactly as the interrupted one did.
+    other processes hold: measured here with other jobs running, one thread trained 1.5-2.5x
+    and scored 1.7-2.1x faster than two (benchmarks/throughput.py); on an idle machine two
+    would win. The choice depends on the machine only, so a resumed run rounds exactly as
+    the interrupted one did.
     """
     if setting == "auto":
         return 1 if cpus <= 2 else None

@@ -265,13 +265,13 @@ def test_channels_last_training_step_equals_the_reference_step() -> None:
 # --- compiled paths (inductor compiles for tens of seconds even for tiny models) -----------
 
 
-@pytest.mark.slow
+@pytest.mark.compile
 def test_compiled_training_step_equals_the_eager_step() -> None:
     x = to_model_input(_uint8(8, size=16, seed=6))
     _assert_same_step(_trainer(FAST, False, size=16), _trainer(FAST, True, size=16), x)
 
 
-@pytest.mark.slow
+@pytest.mark.compile
 def test_compiled_scoring_matches_the_reference_and_follows_new_weights() -> None:
     from torch._dynamo.utils import counters
 
