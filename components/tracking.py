@@ -291,10 +291,13 @@ def describe_data(source: str, root: Path) -> DataVersion:
 
 
 def eval_data_digest(data: DataVersion, test_scores: Path) -> str | None:
-    """Digest of the evaluation set: the data version plus every test image and label.
+    """Digest of the evaluation set: every test image and label, nothing else.
 
     Two runs share it only if they were scored on the same images with the same labels,
-    so their test figures are comparable. None for unversioned data.
+    so their test figures are comparable. The dataset version is deliberately left out:
+    retraining on new normal images changes it but leaves the sealed test split as it was
+    (ingested paths are content hashes), and the gate must still compare such a model
+    with production. None for unversioned data, whose paths do not identify content.
     """
     import csv
 
@@ -302,7 +305,10 @@ def eval_data_digest(data: DataVersion, test_scores: Path) -> str | None:
         return None
     with test_scores.open(newline="") as fh:
         rows = sorted((r["path"], r["label"], r["is_anomaly"]) for r in csv.DictReader(fh))
-    digest = hashlib.sha256(f"{data.key}\n".encode())
+    # An archive's paths name files, not content: there the archive's hash stays in.
+    content_addressed = data.dvc_md5 is not None or data.manifest_sha256 is not None
+    digest = hashlib.sha256(b"nestad-eval-set/2\n" if content_addressed
+                            else f"{data.key}\n".encode())
     for row in rows:
         digest.update(("\t".join(row) + "\n").encode())
     return digest.hexdigest()

@@ -3,6 +3,7 @@ safety, and the whole path against a real MLflow server with S3 artefacts."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -127,6 +128,10 @@ def test_data_version_of_tracked_archive_and_raw_sources(
     )
     assert eval_data_digest(data, relabelled) != digest
     assert eval_data_digest(raw, scores) is None  # unversioned data: not comparable
+    # New normal training images change the data version, not the sealed test set.
+    retrained = dataclasses.replace(data, dvc_md5="f" * 32 + ".dir")
+    assert retrained.key != data.key
+    assert eval_data_digest(retrained, scores) == digest
 
 
 def test_a_bad_run_folder_is_refused_before_contacting_mlflow(
