@@ -26,9 +26,7 @@ WORKDIR /app
 
 # Dependencies first, for layer caching: torch from the chosen index, then the rest pinned.
 COPY pyproject.toml constraints.txt README.md ./
-RUN if [ -n "$TORCH_INDEX" ]; then pip install torch==2.13.0 --index-url "$TORCH_INDEX"; \
-    else grep -v '^torch==' constraints.txt > /tmp/c.txt \
-      && pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi
+RUN pip install torch==2.13.0 --index-url "${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 
 COPY components ./components
 COPY flows ./flows

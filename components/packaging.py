@@ -10,13 +10,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from components.config import ModelConfig
 from components.errors import ModelFileError
 from components.evaluation import NormStats
 from components.scoring import AnomalyDetector
-from components.training import build_networks, save_atomic
+from components.training import build_networks, load_state_file, save_atomic
 
 MODEL_FORMAT = "nestad-model/1"
 MODEL_FILE = "detector.pt"
@@ -51,14 +49,8 @@ def load_detector(path: Path) -> tuple[AnomalyDetector, dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no model file (run `nestad evaluate` first)")
-    try:
-        meta = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ModelFileError(f"{path}: not a readable nestad model ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise ModelFileError(f"{path}: not a nestad model file ({MODEL_FORMAT})")
+    meta = load_state_file(path, MODEL_FORMAT, "model",
+                           "no model file (run `nestad evaluate` first)")
     try:
         detector = build_detector(ModelConfig(**meta["model"]), meta["channels"],
                                   meta["image_size"], meta["score_weight"])

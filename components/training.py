@@ -231,17 +231,23 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only."""
+def load_state_file(path: Path, fmt: str, what: str, missing: str) -> dict[str, Any]:
+    """Load a nestad file with ``weights_only=True`` (tensors and plain containers only)
+    and check its ``format`` tag; a clear ModelFileError otherwise."""
     if not path.is_file():
-        raise ModelFileError(f"{path}: no such checkpoint")
+        raise ModelFileError(f"{path}: {missing}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ModelFileError(f"{path}: not a readable nestad checkpoint ({exc})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ModelFileError(f"{path}: not a nestad checkpoint ({CHECKPOINT_FORMAT})")
+        raise ModelFileError(f"{path}: not a readable nestad {what} ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise ModelFileError(f"{path}: not a nestad {what} ({fmt})")
     return state
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a training checkpoint (``last.pt`` or ``best.pt``)."""
+    return load_state_file(path, CHECKPOINT_FORMAT, "checkpoint", "no such checkpoint")
 
 
 def fit(
