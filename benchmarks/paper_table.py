@@ -101,7 +101,7 @@ PAPER_AUPRC_AVG = {"nested": .883, "skip_ganomaly": .768, "ganomaly": .643}
 # more than the mean image (validation R 0.42) and all three scored the same AUROC per
 # class within 0.03; batch 16 (~170 updates) brought the nested model's R to 0.28 and its
 # airplane AUROC from 0.51 to 0.62 for ~10-30% more time. CPU threads follow params'
-# train.threads ("auto": 1 on <= 2 CPUs). `paper` is params.yaml's own settings (base
+# train.threads ("auto": one per CPU; the committed table ran with 1). `paper` is params.yaml's own settings (base
 # width 32, batch 64, 15 epochs) on all 45,000 normal images and the full test set.
 PROFILES: dict[str, tuple[str, ...]] = {
     "quick": (

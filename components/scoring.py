@@ -86,17 +86,17 @@ def compile_pays_off(setting: bool | str, device_type: str, work: int, min_work:
 
 
 def resolve_threads(setting: int | str, cpus: int) -> int | None:
-    """Intra-op CPU threads for a setting: a number is obeyed; ``"auto"`` is 1 on machines of
-    at most 2 CPUs, else None (PyTorch's default, one per CPU).
+    """Intra-op CPU threads for a setting: a number is obeyed; ``"auto"`` is None (PyTorch's
+    default, one per CPU this process may use).
 
-    On 2 shared CPUs the second OpenMP thread spin-waits at every barrier for a core that
-    other processes hold: measured here with other jobs running, one thread trained 1.5-2.5x
-    and scored 1.7-2.1x faster than two (benchmarks/throughput.py); on an idle machine two
-    would win. The choice depends on the machine only, so a resumed run rounds exactly as
-    the interrupted one did.
+    Measured here on an idle 2-core AVX2 CPU (benchmarks/throughput.py), two threads trained
+    1.8x and scored 1.7x faster than one. On a machine shared with other busy processes one
+    thread can win (the second spin-waits at every barrier for a core others hold): set a
+    number. ``cpus`` is kept for callers that size other pools from it.
     """
+    del cpus
     if setting == "auto":
-        return 1 if cpus <= 2 else None
+        return None
     return int(setting)
 
 

@@ -187,7 +187,7 @@ def test_compile_is_obeyed_or_chosen_by_device_and_job_length(
 
 @pytest.mark.parametrize(
     ("setting", "cpus", "expected"),
-    [("auto", 1, 1), ("auto", 2, 1), ("auto", 16, None), (3, 2, 3), (1, 64, 1)],
+    [("auto", 1, None), ("auto", 2, None), ("auto", 16, None), (3, 2, 3), (1, 64, 1)],
 )
 def test_threads_are_obeyed_or_chosen_by_machine_size(setting, cpus: int, expected) -> None:
     assert resolve_threads(setting, cpus) == expected
