@@ -167,6 +167,9 @@ class PipelineConfig(_Section):
 
     profile: str | None = None
     min_new_normal_images: int = Field(1, ge=1)  # retrain when at least this many arrive
+    # Flows run the stages' `nestad ...` commands in their own interpreter (DVC still
+    # decides, caches and records); false: a child process per stage, as `dvc repro` does.
+    in_process: bool = True
 
 
 class Params(_Section):

@@ -13,7 +13,7 @@ otherwise dvc-s3 uses the standard AWS credential chain.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,11 @@ import yaml
 from components.errors import VersioningError
 
 DATA_TARGET = "data"
+
+CommandRunner = Callable[[str, Path], int | None]
+"""Runs a stage's command line in this process, in the given working folder, and returns
+its exit status; or returns None when it does not handle that command (DVC then runs it
+in a shell, as usual)."""
 
 
 def _git_toplevel(path: Path) -> Path | None:
@@ -158,13 +163,51 @@ def pull(root: Path, remote: str | None = None, target: str = DATA_TARGET) -> di
     return dict(result.get("stats", {}))
 
 
-def reproduce(root: Path, stage: str | None = None) -> list[str]:
-    """``dvc repro`` one stage of ``root/dvc.yaml`` (all when None); the stages that ran."""
+def reproduce(root: Path, stage: str | None = None,
+              run_command: CommandRunner | None = None) -> list[str]:
+    """``dvc repro`` one stage of ``root/dvc.yaml`` (all when None); the stages that ran.
+
+    DVC decides what is stale, restores from its run cache, records ``dvc.lock`` and
+    caches the outputs as ever. With ``run_command``, the commands it handles run in this
+    process instead of a child shell (no interpreter start or imports per stage); a
+    non-zero status fails the stage as a failed command would.
+    """
     root = Path(root).absolute()
     dvc_yaml = root / "dvc.yaml"
     target = f"{dvc_yaml}:{stage}" if stage else str(dvc_yaml)
-    with _repo(root, "repro") as repo:
+    with _repo(root, "repro") as repo, _commands_through(run_command):
         return [stage.addressing for stage in repo.reproduce(targets=[target])]
+
+
+@contextlib.contextmanager
+def _commands_through(run_command: CommandRunner | None) -> Iterator[None]:
+    """Route DVC's stage commands through ``run_command`` for the duration of the block.
+
+    DVC 3 runs every command of a stage through ``dvc.stage.run._run(executable, cmd,
+    cwd=..., env=...)``; that one function is swapped, so everything around it (the run
+    cache, removing stale outputs, the repo lock, dvc.lock) is DVC's own. Were a DVC
+    release to drop that function, commands would simply run in a shell again.
+    """
+    from dvc.stage import run as stage_run
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    shell_run = getattr(stage_run, "_run", None)
+    if run_command is None or shell_run is None:
+        yield
+        return
+
+    def run(executable: str | None, cmd: str, **kwargs: Any) -> None:
+        status = run_command(cmd, Path(kwargs.get("cwd") or "."))
+        if status is None:
+            shell_run(executable, cmd, **kwargs)
+        elif status != 0:
+            raise StageCmdFailedError(cmd, status)
+
+    stage_run._run = run
+    try:
+        yield
+    finally:
+        stage_run._run = shell_run
 
 
 def status(root: Path) -> dict[str, Any]:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import sys
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -100,17 +102,57 @@ def _this_interpreter_on_path() -> Iterator[None]:
         os.environ["PATH"] = saved
 
 
+_SHELL_OPERATORS = set("();<>|&")
+
+
+def run_nestad_command(cmd: str, cwd: Path) -> int | None:
+    """Run a stage's ``nestad ...`` command line in this process, in ``cwd``; its exit
+    status. None for anything else (another program, or shell syntax: pipes, ``&&``,
+    redirections, ``$VARIABLES``), which DVC then runs in a shell.
+
+    As in a child process, an unexpected exception prints its traceback and gives status 1;
+    a ``NestadError`` gives the CLI's one-line message and status 2.
+    """
+    if "$" in cmd or "`" in cmd:
+        return None
+    lexer = shlex.shlex(cmd, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    argv = list(lexer)
+    if not argv or argv[0] != "nestad" or any(set(a) <= _SHELL_OPERATORS for a in argv):
+        return None
+    from components.cli import get_app
+
+    with contextlib.chdir(cwd):
+        try:
+            get_app()(args=argv[1:], prog_name="nestad")
+        except SystemExit as exc:
+            if exc.code is None or isinstance(exc.code, int):
+                return exc.code or 0
+            print(exc.code, file=sys.stderr)
+            return 1
+        except Exception:  # noqa: BLE001 - a crashed command fails its stage, as in a shell
+            traceback.print_exc()
+            return 1
+    return 0
+
+
 def run_stage(project: Project, stage: str) -> bool:
     """``dvc repro`` one stage (and any stale upstream one); True when it ran, False when
     DVC found it up to date. A failed validation raises ValidationFailed naming each
-    failed expectation."""
+    failed expectation.
+
+    With ``pipeline.in_process`` (the default) the stages' ``nestad`` commands run in this
+    interpreter (DVC still decides, caches and records); otherwise each runs in its own
+    process, exactly as ``dvc repro`` from a shell runs it.
+    """
     from components.versioning import reproduce
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+    runner = run_nestad_command if project.params.pipeline.in_process else None
     try:
         with _this_interpreter_on_path():
-            ran = reproduce(project.root, stage)
+            ran = reproduce(project.root, stage, run_command=runner)
     except VersioningError as exc:
         failure = validation_failure(project) if stage == "validate" else None
         if failure:

@@ -225,3 +225,33 @@ def test_train_truncated_image(make_dataset, synth, tmp_path) -> None:
     result = _invoke(*_train_args(synth, source, tmp_path / "run"))
     _assert_one_line_error(result, victim.name)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        "python -c 'print(1)'",  # another program
+        "nestad ingest && rm -rf data",  # shell syntax: the shell must run it
+        "nestad train > log.txt",
+        "nestad train -s data.source=$DATA",
+        "",
+    ],
+)
+def test_in_process_stage_runner_declines_what_only_a_shell_can_run(cmd: str, tmp_path) -> None:
+    from components.workflow import run_nestad_command
+
+    assert run_nestad_command(cmd, tmp_path) is None
+
+
+def test_in_process_stage_runner_gives_the_commands_exit_status(tmp_path, capsys) -> None:
+    from components.workflow import run_nestad_command
+
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 0\n")  # out of range
+    assert run_nestad_command("nestad --help", tmp_path) == 0
+    assert "train" in capsys.readouterr().out
+    # Runs in ``cwd``: the relative --params resolves there, and the error names the key.
+    assert run_nestad_command("nestad train --params params.yaml --out 'run dir'", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "train.epochs" in err and "Traceback" not in err
+    assert not (tmp_path / "run dir").exists()
+    assert run_nestad_command("nestad no-such-command", tmp_path) == 2

@@ -170,10 +170,15 @@ def test_new_normal_images_retrain_and_promote_only_if_the_gate_allows(trained, 
     assert again.name == "Nothing new" and len(_versions(project)) == 2
 
 
-def test_failing_validation_stops_the_flow_before_training(trained, tmp_path):
+@pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "process-per-stage"])
+def test_failing_validation_stops_the_flow_before_training(trained, tmp_path, in_process):
+    """Whether the stages' commands run in the flow's process or each in its own."""
     from flows.training import training_flow
 
     project = _copy(trained, tmp_path / "copy")
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    params["pipeline"]["in_process"] = in_process
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params))
     lock = _lock(project)
     add_images(tmp_path / "copy" / "source", NORMAL[1], 2, size=12, tag="small")  # < 16 px
     state = training_flow(str(project.root), return_state=True)

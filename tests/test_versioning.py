@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
 import socket
 import subprocess
@@ -155,6 +156,55 @@ def test_reproduce_and_status_work_from_another_directory(project, tmp_path, mon
     )
     with pytest.raises(VersioningError, match=r"failed to reproduce .*broken.*exited with 3"):
         versioning.reproduce(project, "broken")
+
+
+def test_reproduce_routes_stage_commands_through_a_runner(tmp_path, monkeypatch):
+    """The runner runs the commands it takes in this process; DVC still records dvc.lock;
+    one it declines runs in a shell; a non-zero status fails the stage."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    versioning.ensure_repo(project)
+    (project / "params.yaml").write_text("prepare:\n  factor: 2\n")
+    shell_cmd = f"{sys.executable} -c \"open('shell.txt', 'w').write('shell')\""
+    (project / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "inproc": {"cmd": "make-out 7", "params": ["prepare.factor"],
+                               "outs": ["out.txt"]},
+                    "shell": {"cmd": shell_cmd, "outs": ["shell.txt"]},
+                    "fails": {"cmd": "make-out fail", "outs": ["never.txt"]},
+                }
+            }
+        )
+    )
+    calls: list[tuple[str, Path]] = []
+
+    def runner(cmd: str, cwd: Path) -> int | None:
+        calls.append((cmd, cwd))
+        if not cmd.startswith("make-out"):
+            return None
+        if cmd.endswith("fail"):
+            return 4
+        (cwd / "out.txt").write_text(f"in process {os.getpid()}")
+        return 0
+
+    monkeypatch.chdir(tmp_path)
+    assert versioning.reproduce(project, "inproc", run_command=runner) == ["inproc"]
+    assert (project / "out.txt").read_text() == f"in process {os.getpid()}"
+    assert calls == [("make-out 7", project)]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert lock["inproc"]["outs"][0]["path"] == "out.txt"
+    assert versioning.reproduce(project, "inproc", run_command=runner) == []  # up to date
+    assert versioning.reproduce(project, "shell", run_command=runner) == ["shell"]
+    assert (project / "shell.txt").read_text() == "shell"
+    with pytest.raises(VersioningError, match=r"failed to reproduce .*fails.*exited with 4"):
+        versioning.reproduce(project, "fails", run_command=runner)
+    assert len(calls) == 3
+    # Outside the call, DVC runs commands in a shell again.
+    from dvc.stage import run as stage_run
+
+    assert stage_run._run.__module__ == "dvc.stage.run"
 
 
 @pytest.fixture
