@@ -60,10 +60,10 @@ from components.config import DataConfig, Params, flatten_params, load_params  #
 from components.data import (  # noqa: E402
     DatasetSplits,
     ImageSet,
-    _subset,  # the stratified subset load_splits takes; see note in class_splits
     assign_split,
     decode_images,
     scan_source,
+    stratified_subset,  # the stratified subset load_splits takes; see note in class_splits
 )
 from components.evaluation import (  # noqa: E402
     classification_metrics,
@@ -101,7 +101,8 @@ PAPER_AUPRC_AVG = {"nested": .883, "skip_ganomaly": .768, "ganomaly": .643}
 # more than the mean image (validation R 0.42) and all three scored the same AUROC per
 # class within 0.03; batch 16 (~170 updates) brought the nested model's R to 0.28 and its
 # airplane AUROC from 0.51 to 0.62 for ~10-30% more time. CPU threads follow params'
-# train.threads ("auto": one per CPU; the committed table ran with 1). `paper` is params.yaml's own settings (base
+# train.threads ("auto": one per CPU; the committed table ran with 1). `paper` is
+# params.yaml's own settings (base
 # width 32, batch 64, 15 epochs) on all 45,000 normal images and the full test set.
 PROFILES: dict[str, tuple[str, ...]] = {
     "quick": (
@@ -248,8 +249,8 @@ def class_splits(source: DecodedSource, cfg: DataConfig) -> DatasetSplits:
     frame["is_normal"] = frame["label"] != cfg.anomalous_class
     val = np.array([assign_split(sha, cfg.seed, cfg.val_fraction) for sha in frame["sha256"]])
     frame["split"] = np.where(frame["is_normal"] & (source.partition == "train"), val, "test")
-    pool = _subset(frame[frame["split"] != "test"], cfg.max_train_images, cfg.seed)
-    test = _subset(frame[frame["split"] == "test"], cfg.max_test_images, cfg.seed)
+    pool = stratified_subset(frame[frame["split"] != "test"], cfg.max_train_images, cfg.seed)
+    test = stratified_subset(frame[frame["split"] == "test"], cfg.max_test_images, cfg.seed)
     test = pd.concat([test[test["is_normal"]], test[~test["is_normal"]]])
 
     def as_set(rows: pd.DataFrame) -> ImageSet:

@@ -25,14 +25,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from components.config import DataConfig
 from components.errors import DataError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: ingestion and validation
+    import torch  # read and hash images without it (seconds less per stage process)
 
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS = [
@@ -63,7 +66,7 @@ def is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _is_hidden(rel: str) -> bool:
+def is_hidden(rel: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in PurePosixPath(rel).parts)
 
 
@@ -72,13 +75,13 @@ def iter_source_files(source: Path) -> Iterator[tuple[str, bytes]]:
     if source.is_dir():
         for file in sorted(source.rglob("*")):
             rel = file.relative_to(source).as_posix()
-            if file.is_file() and not _is_hidden(rel):
+            if file.is_file() and not is_hidden(rel):
                 yield rel, file.read_bytes()
     elif is_archive(source) and source.name.lower().endswith(".zip"):
         try:
             with zipfile.ZipFile(source) as zf:
                 for info in sorted(zf.infolist(), key=lambda i: i.filename):
-                    if not info.is_dir() and not _is_hidden(info.filename):
+                    if not info.is_dir() and not is_hidden(info.filename):
                         yield info.filename, zf.read(info)
         except zipfile.BadZipFile as exc:
             raise DataError(f"{source}: not a readable zip archive ({exc})") from None
@@ -86,7 +89,7 @@ def iter_source_files(source: Path) -> Iterator[tuple[str, bytes]]:
         try:
             with tarfile.open(source, "r:*") as tf:
                 for member in tf:
-                    if member.isfile() and not _is_hidden(member.name):
+                    if member.isfile() and not is_hidden(member.name):
                         handle = tf.extractfile(member)
                         assert handle is not None  # regular files always have a handle
                         yield member.name.removeprefix("./"), handle.read()
@@ -100,7 +103,7 @@ def iter_source_files(source: Path) -> Iterator[tuple[str, bytes]]:
         raise DataError(f"{source}: no such file or folder")
 
 
-def _strip_to_layout_root(files: dict[str, bytes], source: Path) -> dict[str, bytes]:
+def strip_to_layout_root(files: dict[str, bytes], source: Path) -> dict[str, bytes]:
     """Drop a leading folder (``cifar10/train/...`` -> ``train/...``) above train/ and test/."""
     prefixes = set()
     for rel in files:
@@ -190,7 +193,7 @@ def parse_layout(
     return records
 
 
-def _check_no_empty_class_folders(source: Path) -> None:
+def check_no_empty_class_folders(source: Path) -> None:
     if not source.is_dir():
         return
     for part in ("train", "test"):
@@ -236,6 +239,8 @@ def decode_images(items: list[tuple[str, bytes]], image_size: int, channels: int
                   min_size: int = 1, workers: int = 2,
                   progress: Progress | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """Decode many images in parallel: ``(N, C, H, W)`` uint8 and original ``(N, 2)`` sizes."""
+    import torch
+
     out = np.empty((len(items), image_size, image_size, channels), dtype=np.uint8)
     sizes = np.zeros((len(items), 2), dtype=np.int64)
 
@@ -286,7 +291,7 @@ class DatasetSplits:
     manifest: pd.DataFrame  # MANIFEST_COLUMNS, the rows actually used
 
 
-def _subset(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
+def stratified_subset(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
     """A seeded random subset of at most ``limit`` rows, stratified by ``is_normal``."""
     if limit is None or len(frame) <= limit:
         return frame
@@ -343,8 +348,8 @@ def scan_source(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, bytes]]:
     if cfg.layout == "manifest" or (source / MANIFEST_NAME).is_file():
         frame = read_manifest(source)
         return frame, {}  # images are read lazily from the dataset folder
-    _check_no_empty_class_folders(source)
-    files = _strip_to_layout_root(dict(iter_source_files(source)), source)
+    check_no_empty_class_folders(source)
+    files = strip_to_layout_root(dict(iter_source_files(source)), source)
     return _build_manifest(files, cfg, str(source)), files
 
 
@@ -354,11 +359,13 @@ def load_splits(cfg: DataConfig, progress: Progress | None = None,
 
     Splits not in ``include`` are left empty (not decoded); the split itself is the same.
     """
+    import torch
+
     frame, files = scan_source(cfg)
     source = Path(cfg.source).expanduser()
     train_pool = frame[frame["split"] != "test"]
-    train_pool = _subset(train_pool, cfg.max_train_images, cfg.seed)
-    test = _subset(frame[frame["split"] == "test"], cfg.max_test_images, cfg.seed)
+    train_pool = stratified_subset(train_pool, cfg.max_train_images, cfg.seed)
+    test = stratified_subset(frame[frame["split"] == "test"], cfg.max_test_images, cfg.seed)
     used = pd.concat([train_pool, test])
 
     def as_set(name: str) -> ImageSet:
@@ -403,7 +410,7 @@ def load_images(paths: list[Path], image_size: int, channels: int,
         if path.is_dir():
             found = sorted(f for f in path.rglob("*")
                            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                           and not _is_hidden(f.relative_to(path).as_posix()))
+                           and not is_hidden(f.relative_to(path).as_posix()))
             if not found:
                 raise DataError(f"{path}: folder holds no image files")
             files.extend(found)

@@ -58,14 +58,14 @@ from components.data import (
     NORMAL_LABEL,
     SPLITS,
     LayoutRecord,
-    _check_no_empty_class_folders,
-    _is_hidden,
-    _strip_to_layout_root,
     assign_split,
+    check_no_empty_class_folders,
     is_archive,
+    is_hidden,
     parse_layout,
     read_manifest,
     sha256_hex,
+    strip_to_layout_root,
 )
 from components.errors import DataError
 
@@ -204,11 +204,11 @@ class _FolderSource:
         self.path, self.cfg, self.uri = path, cfg, str(path)
 
     def entries(self) -> list[_Entry]:
-        _check_no_empty_class_folders(self.path)
+        check_no_empty_class_folders(self.path)
         limits, out = _Limits(self.cfg, self.uri), []
         for dirpath, dirnames, filenames in os.walk(self.path):
             base = Path(dirpath)
-            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
             for name in dirnames:
                 if (base / name).is_symlink():
                     raise DataError(
@@ -217,7 +217,7 @@ class _FolderSource:
             for name in sorted(filenames):
                 file = base / name
                 rel = file.relative_to(self.path).as_posix()
-                if _is_hidden(rel):
+                if is_hidden(rel):
                     continue
                 try:
                     info = file.stat()
@@ -265,7 +265,7 @@ class _TarSource:
             if member.isdir():
                 continue
             names.add(rel)
-            if not _is_hidden(rel):
+            if not is_hidden(rel):
                 out.append(_Entry(rel, member.size, member))
 
     def read(self, entries: list[_Entry]) -> Iterator[tuple[_Entry, bytes]]:
@@ -330,7 +330,7 @@ class _ZipSource:
             if info.is_dir():
                 continue
             names.add(rel)
-            if not _is_hidden(rel):
+            if not is_hidden(rel):
                 out.append(_Entry(rel, info.file_size, info))
         return out
 
@@ -414,7 +414,7 @@ class _S3Source:
                     rel = _safe_member_name(key, self.uri)
                     limits.add(rel, obj["Size"])
                     names.add(rel)
-                    if not _is_hidden(rel):
+                    if not is_hidden(rel):
                         out.append(_Entry(rel, obj["Size"], obj.get("ETag"), origin=key))
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(self.uri, "listing", exc) from None
@@ -800,7 +800,7 @@ def _layout(
     dropped again, so labels still come from the one mapping in components.data.
     """
     try:
-        stripped = _strip_to_layout_root(dict.fromkeys((e.rel for e in entries), b""), Path(uri))
+        stripped = strip_to_layout_root(dict.fromkeys((e.rel for e in entries), b""), Path(uri))
     except DataError as exc:  # data.py names the source as a Path; keep s3:// intact
         raise DataError(uri + str(exc).removeprefix(str(Path(uri)))) from None
     by_path = dict(zip(stripped, entries, strict=True))

@@ -466,7 +466,10 @@ def validate_dataset(
         data_docs=docs if cfg.data_docs and docs.is_file() else None,
         seconds=time.perf_counter() - started,
     )
-    summary = asdict(report) | {
+    # summary.json is what training and registration depend on (dvc.yaml): it holds the
+    # verdict and nothing run-specific (no timing), so validating unchanged data again
+    # leaves it byte for byte the same and retrains nothing.
+    summary = {k: v for k, v in asdict(report).items() if k != "seconds"} | {
         "dataset": str(dataset),
         "report_dir": str(report_dir),
         "data_docs": str(report.data_docs) if report.data_docs else None,

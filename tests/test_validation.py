@@ -97,6 +97,10 @@ def test_a_clean_dataset_passes_every_expectation_and_writes_reports(clean, tmp_
     assert report.data_docs == tmp_path / "reports" / "data_docs" / "index.html"
     assert report.data_docs.is_file()
     report.raise_for_failures()  # passes silently
+    # Validating the same data again leaves summary.json (a training dependency) as it was.
+    before = (tmp_path / "reports" / "summary.json").read_bytes()
+    validate_dataset(clean, _cfg(clean, data_docs=True), DATA_CFG, report_dir=tmp_path / "reports")
+    assert (tmp_path / "reports" / "summary.json").read_bytes() == before
 
 
 def _copy(clean: Path, tmp_path: Path) -> tuple[Path, pd.DataFrame]:
