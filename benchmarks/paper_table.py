@@ -102,8 +102,8 @@ PAPER_AUPRC_AVG = {"nested": .883, "skip_ganomaly": .768, "ganomaly": .643}
 # class within 0.03; batch 16 (~170 updates) brought the nested model's R to 0.28 and its
 # airplane AUROC from 0.51 to 0.62 for ~10-30% more time. CPU threads follow params'
 # train.threads ("auto": one per CPU; the committed table ran with 1). `paper` is
-# params.yaml's own settings (base
-# width 32, batch 64, 15 epochs) on all 45,000 normal images and the full test set.
+# params.yaml's own settings (base width 32, batch 64, 15 epochs) on all 45,000 normal
+# images and the full test set.
 PROFILES: dict[str, tuple[str, ...]] = {
     "quick": (
         "data.max_train_images=1500",  # of the 45,000 normals, before the val split

@@ -1096,6 +1096,19 @@ def version_figures(reg: Registry, version: str) -> VersionFigures:
     return VersionFigures(str(mv.version), dict(metrics), mv.tags.get(f"{TAG}eval_data_version"))
 
 
+def gate_decision(reg: Registry, version: str, holder: str | None) -> GateDecision:
+    """The promotion gate's verdict on ``version`` against ``holder`` (the production
+    version; None when there is none), with the registry's configured metric and margin."""
+    cfg = reg.cfg
+    return decide_promotion(
+        version_figures(reg, version),
+        version_figures(reg, holder) if holder else None,
+        cfg.gate_metric,
+        cfg.gate_margin,
+        cfg.gate_higher_is_better,
+    )
+
+
 def promote(
     reg: Registry,
     target: str,
@@ -1150,14 +1163,7 @@ def _promote_locked(
     holder = _alias_version(reg, target)
     decision = None
     if target == PRODUCTION:
-        cfg = reg.cfg
-        decision = decide_promotion(
-            version_figures(reg, version),
-            version_figures(reg, holder) if holder else None,
-            cfg.gate_metric,
-            cfg.gate_margin,
-            cfg.gate_higher_is_better,
-        )
+        decision = gate_decision(reg, version, holder)
         if not decision.promote and not force:
             _record(
                 reg,

@@ -287,20 +287,14 @@ def promote_if_better(project: Project, version: str) -> PromotionOutcome:
     """Apply the gate (``components.promotion.decide_promotion``): a version that beats
     production (or the first one) moves candidate -> staging -> production; one that does
     not keeps ``candidate``, so staging is not taken by a loser."""
-    from components.promotion import PRODUCTION, decide_promotion
-    from components.tracking import list_versions, promote_auto, version_figures
+    from components.promotion import PRODUCTION
+    from components.tracking import gate_decision, list_versions, promote_auto
 
-    reg, cfg = _registry(project), project.params.registry
+    reg = _registry(project)
     holder = next(
         (row["version"] for row in list_versions(reg) if PRODUCTION in row["aliases"]), None
     )
-    decision = decide_promotion(
-        version_figures(reg, version),
-        version_figures(reg, holder) if holder else None,
-        cfg.gate_metric,
-        cfg.gate_margin,
-        cfg.gate_higher_is_better,
-    )
+    decision = gate_decision(reg, version, holder)
     if not decision.promote:
         return PromotionOutcome(version, False, decision.reason, holder)
     # The gate runs again under the promotion lock: that verdict is the one that counts.
