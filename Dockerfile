@@ -34,7 +34,7 @@ COPY flows ./flows
 COPY params.yaml dvc.yaml prefect.yaml ./
 RUN grep -v '^torch==' constraints.txt > /tmp/c.txt && pip install -c /tmp/c.txt -e . \
  && chown -R nestad:nestad /app
-USER nestad
+USER 10001
 
 # Default: the whole training flow (ingest -> validate -> train -> evaluate -> register).
 CMD ["nestad", "run"]

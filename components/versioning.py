@@ -113,6 +113,21 @@ def data_version(root: Path, target: str = DATA_TARGET) -> str:
         raise VersioningError(f"{dvc_file}: unreadable DVC file ({exc})") from None
 
 
+def locked_output_md5(root: Path, path: Path) -> str | None:
+    """The md5 that ``dvc.lock`` records for ``path`` as a pipeline stage's output, provided
+    the workspace still holds exactly that output (DVC compares, with its hash cache);
+    None when no stage outputs ``path``, nothing is locked, or the folder has changed."""
+    root, path = Path(root).absolute(), Path(path).absolute()
+    if not (root / "dvc.lock").is_file() or not (root / ".dvc").is_dir():
+        return None
+    with _repo(root, "status") as repo:
+        for stage in repo.index.stages:
+            for out in stage.outs:
+                if Path(out.fs_path) == path and out.hash_info and out.hash_info.value:
+                    return None if out.status() else str(out.hash_info.value)
+    return None
+
+
 def configure_remote(
     root: Path,
     url: str | Path,
