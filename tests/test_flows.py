@@ -103,7 +103,7 @@ def test_training_flow_registers_the_first_model_and_promotes_it(trained):
     assert report.registered.data_version.endswith(".dir")
     reg = open_registry(project.params.registry, project.root)
     run_id = reg.client.get_model_version(reg.name, "1").run_id
-    assert [a.path for a in reg.client.list_artifacts(run_id, "lineage")] == ["lineage/dvc.lock"]
+    assert "lineage/dvc.lock" in [a.path for a in reg.client.list_artifacts(run_id, "lineage")]
 
 
 def _data_version(project: Project) -> str:
