@@ -72,14 +72,17 @@ def ingest_command(
     from components.versioning import ensure_repo, track_data
 
     p, root = _load(params, set_, profile, [f"ingest.name={name}"] if name else None)
+    source_name = None
     if source is None:
-        source = p.ingest.source
+        # The manifest names the source as params.yaml does (relative to the project), so
+        # the same source gives the same dataset and DVC hash wherever the project lies.
+        source = source_name = p.ingest.source
         if not source.startswith("s3://"):
             source = str(_under(root, source))
     data_root = _under(root, p.ingest.data_root)
     target = data_root / p.ingest.name
     console.print(f"ingesting {escape(source)} -> {escape(str(target))}", highlight=False)
-    report = ingest(source, p.ingest, p.data, target=target)
+    report = ingest(source, p.ingest, p.data, target=target, source_name=source_name)
     added = ", ".join(f"{split} {n:,}" for split, n in report.added.items())
     totals = ", ".join(f"{split} {n:,}" for split, n in report.totals.items())
     typer.echo(

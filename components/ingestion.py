@@ -846,10 +846,14 @@ def ingest(
     target: Path | None = None,
     s3_client: Any | None = None,
     progress: Progress | None = None,
+    source_name: str | None = None,
 ) -> IngestReport:
     """Add the images of ``source`` that the dataset lacks; return what was done.
 
-    ``target`` defaults to ``cfg.data_root / cfg.name``. An unsafe or malformed source is
+    ``target`` defaults to ``cfg.data_root / cfg.name``. ``source_name`` is how the
+    manifest's ``source`` column names the source (default: its path or URI as opened);
+    naming it as configured, e.g. relative to the project, keeps the dataset, and so its
+    DVC hash, the same wherever the project lies. An unsafe or malformed source is
     refused before anything is written. Existing images keep their path and split; new
     normal training images get a seeded, content-determined train/val split; the rest go
     to test. The new version replaces the old one atomically, or not at all.
@@ -875,7 +879,9 @@ def ingest(
         target.parent.mkdir(parents=True, exist_ok=True)
         with _exclusive(target.parent):
             _recover(target)
-            return _ingest_locked(src, located, target, cfg, data_cfg, progress, started)
+            return _ingest_locked(
+                src, located, target, cfg, data_cfg, progress, started, source_name or src.uri
+            )
 
 
 def _ingest_locked(
@@ -886,6 +892,7 @@ def _ingest_locked(
     data_cfg: DataConfig,
     progress: Progress | None,
     started: float,
+    source_name: str,
 ) -> IngestReport:
     if (target / MANIFEST_NAME).is_file():
         existing = read_manifest(target)
@@ -945,7 +952,7 @@ def _ingest_locked(
                     "width": probe.width,
                     "height": probe.height,
                     "channels": probe.channels,
-                    "source": f"{src.uri}/{rel}",
+                    "source": f"{source_name}/{rel}",
                 }
             )
         new = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)

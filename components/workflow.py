@@ -5,7 +5,7 @@ and the newest model's data, and apply the promotion gate. No Prefect here.
 A project is a folder holding ``params.yaml`` and ``dvc.yaml``. Its layout (the DVC
 stages' outputs)::
 
-    <ingest.data_root>/<ingest.name>/   the ingested dataset (stage ``ingest``)
+    <ingest.data_root>/<ingest.name>/   the ingested dataset (stage ``ingest``; data.dvc)
     <validation.report_dir>/            summary.json, validation.json, data_docs/
     outputs/                            the run folder (``components.pipeline``)
     mlflow.db, mlartifacts/             the embedded MLflow store, unless configured
@@ -73,19 +73,9 @@ def load_project(root: str | Path = ".") -> Project:
 
 
 def prepare(project: Project) -> bool:
-    """Make the project a DVC repository if needed (True when initialised now), and refuse
-    a ``data.dvc`` that would claim the dataset the ``ingest`` stage produces."""
+    """Make the project a DVC repository if needed; True when initialised now."""
     from components.versioning import ensure_repo
 
-    data_root = project.resolve(project.params.ingest.data_root)
-    dvc_file = data_root.with_name(f"{data_root.name}.dvc")
-    if dvc_file.is_file():
-        raise VersioningError(
-            f"{dvc_file} tracks {data_root}/ outside the pipeline (from "
-            "`nestad ingest` with ingest.track=true), but dvc.yaml's ingest stage versions "
-            f"{project.dataset.relative_to(project.root)} itself; remove the .dvc file with "
-            f"`dvc remove {dvc_file.name}` (the data stays) and run again"
-        )
     return ensure_repo(project.root)
 
 

@@ -95,11 +95,12 @@ def test_training_flow_registers_the_first_model_and_promotes_it(trained):
     assert json.loads((project.out / "metrics.json").read_text())["leak_free"]["auroc"] >= 0
     assert (project.report_dir / "data_docs" / "index.html").is_file()
     assert report.registered.data_version == _data_version(project)
-    # Lineage is dvc.lock's: the data version is the ingest output's md5 recorded there, and
-    # the run keeps the whole lock file.
+    # The data version is data.dvc's md5 (the ingest stage's `dvc add`); the run keeps
+    # dvc.lock, every stage's dependencies and outputs.
     from components.tracking import open_registry
 
-    assert report.registered.data_version == _lock(project)["ingest"]["outs"][0]["md5"]
+    data_dvc = yaml.safe_load((project.root / "data.dvc").read_text())
+    assert report.registered.data_version == data_dvc["outs"][0]["md5"]
     assert report.registered.data_version.endswith(".dir")
     reg = open_registry(project.params.registry, project.root)
     run_id = reg.client.get_model_version(reg.name, "1").run_id

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from components import ingestion
@@ -546,6 +547,38 @@ def test_cli_ingest_reports_a_bad_source_in_one_line(tmp_path):
     assert "Traceback" not in result.output
     last = result.output.strip().splitlines()[-1]
     assert last == f"error: {tmp_path / 'missing'}: no such file or folder"
+
+
+def test_the_same_source_gives_the_same_data_version_wherever_the_project_lies(
+    tmp_path, monkeypatch
+):
+    """`nestad ingest --track` with params.yaml's relative source: the manifest names the
+    source as configured, so two projects in different places get the same data.dvc md5
+    (a committed data.dvc is then reproducible from the source)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from components.cli_data import register
+
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    app = typer.Typer()
+    register(app)
+    versions = []
+    for place in ("a/deep/place", "elsewhere"):
+        base = tmp_path / place
+        _make_source(base / "source")
+        project = base / "project"
+        project.mkdir(parents=True)
+        (project / "params.yaml").write_text(
+            "data:\n  anomalous_class: bird\n"
+            "ingest:\n  source: ../source\n  data_root: data\n  name: toy\n  workers: 1\n"
+        )
+        result = CliRunner().invoke(app, ["ingest", "--track", "-p", str(project / "params.yaml")])
+        assert result.exit_code == 0, result.output
+        manifest = read_manifest(project / "data" / "toy")
+        assert manifest["source"].str.startswith("../source/train/").any()
+        versions.append(yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"])
+    assert versions[0] == versions[1] and versions[0].endswith(".dir")
 
 
 # ----------------------------------------------------------------------------------------
