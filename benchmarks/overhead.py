@@ -5,7 +5,8 @@ stages) versus calling the same components directly, on the same tiny synthetic 
     .venv/bin/python benchmarks/overhead.py --json     # one JSON object
 
 Both paths start from an identical fresh project (tests/pipeline_support.py): ingest,
-validate, train, evaluate, register and promote (a new MLflow store each). Each path runs
+validate, train, evaluate, register and promote (a new MLflow store each; both version
+the dataset with `dvc add`, as the ingest stage does). Each path runs
 in a fresh Python process, timed from outside, so each pays its own interpreter start and
 imports (torch, Great Expectations, MLflow, Prefect) as a user's script or ``nestad run``
 does. The flow's time includes starting Prefect's embedded server (every ``nestad run``
@@ -69,6 +70,7 @@ def run_direct(root: Path) -> dict[str, float]:
     from components.pipeline import evaluate_stage, train_stage
     from components.tracking import open_registry, promote_auto, register_run
     from components.validation import validate_dataset
+    from components.versioning import ensure_repo, track_data
 
     project = load_project(root)
     params = load_params(root / "params.yaml", profile=project.params.pipeline.profile)
@@ -81,7 +83,13 @@ def run_direct(root: Path) -> dict[str, float]:
         return result
 
     source = str((root / params.ingest.source).resolve())
-    timed("ingest", lambda: ingest(source, params.ingest, params.data, target=project.dataset))
+
+    def ingest_and_version() -> None:  # as the ingest stage does: ingest, then `dvc add`
+        ingest(source, params.ingest, params.data, target=project.dataset)
+        ensure_repo(root)
+        track_data(root, params.ingest.data_root)
+
+    timed("ingest", ingest_and_version)
     report = timed(
         "validate",
         lambda: validate_dataset(
