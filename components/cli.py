@@ -188,10 +188,11 @@ def score(
 
 
 def _register_extensions() -> None:
-    """Commands of other areas (data, registry, flows) register themselves here."""
+    """Commands of other areas (data, registry) register themselves here; the flows' own
+    (``run``, ``schedule``) are added by ``flows.cli``, the console script."""
     import importlib
 
-    for name in ("components.cli_data", "components.cli_registry", "components.cli_flows"):
+    for name in ("components.cli_data", "components.cli_registry"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

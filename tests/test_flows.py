@@ -115,7 +115,7 @@ def _data_version(project: Project) -> str:
 
 def test_rerun_with_nothing_changed_runs_no_stage_and_registers_nothing(trained):
     """Also the main-job command: `nestad run` says where everything is."""
-    from components.cli import get_app
+    from flows.cli import get_app
 
     project = load_project(trained.root)
     lock = _lock(project)
@@ -208,7 +208,7 @@ def test_failing_validation_stops_the_flow_before_training(trained, tmp_path, in
 def test_schedule_without_a_prefect_server_explains_how_to_run_one(trained):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from components.cli import get_app
+    from flows.cli import get_app
 
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         result = CliRunner().invoke(

@@ -1,8 +1,9 @@
-"""``nestad run | schedule``: the Prefect flows from the command line.
+"""The ``nestad`` console script: the components' commands plus the flows' own.
 
 ``run`` is the main job: the training flow end to end, then where everything is.
 ``schedule`` serves the retraining flow on a cron schedule against a Prefect server.
-Prefect and the flows are imported inside the commands, so ``nestad --help`` stays fast.
+These live here, with the flows, so that no component imports Prefect. Prefect and the
+flows are imported inside the commands, so ``nestad --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from components.cli import console, friendly_errors
+from components.cli import get_app as components_app
 from components.errors import NestadError
 
 ProjectOpt = Annotated[
@@ -212,3 +214,19 @@ def register(app: typer.Typer) -> None:
     """Add the flow commands to the ``nestad`` app."""
     app.command("run")(run_cmd)
     app.command("schedule")(schedule_cmd)
+
+
+_registered: list[bool] = []
+
+
+def get_app() -> typer.Typer:
+    """Every ``nestad`` command: the components' (``components.cli``) and the flows'."""
+    app = components_app()
+    if not _registered:
+        register(app)
+        _registered.append(True)
+    return app
+
+
+def main() -> None:
+    get_app()()
