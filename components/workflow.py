@@ -126,10 +126,12 @@ def run_nestad_command(cmd: str, cwd: Path) -> int | None:
     return 0
 
 
-def run_stage(project: Project, stage: str) -> bool:
-    """``dvc repro`` one stage (and any stale upstream one); True when it ran, False when
-    DVC found it up to date. A failed validation raises ValidationFailed naming each
-    failed expectation.
+def run_stage(project: Project, stage: str, upstream: bool = False) -> bool:
+    """``dvc repro`` one stage; True when it ran, False when DVC found it up to date. A
+    failed validation raises ValidationFailed naming each failed expectation.
+
+    The flows run the stages in pipeline order, so by default DVC checks only this stage
+    (``--single-item``); ``upstream`` also reproduces any stale stage before it.
 
     With ``pipeline.in_process`` (the default) the stages' ``nestad`` commands run in this
     interpreter (DVC still decides, caches and records); otherwise each runs in its own
@@ -142,7 +144,7 @@ def run_stage(project: Project, stage: str) -> bool:
     runner = run_nestad_command if project.params.pipeline.in_process else None
     try:
         with _this_interpreter_on_path():
-            ran = reproduce(project.root, stage, run_command=runner)
+            ran = reproduce(project.root, stage, run_command=runner, single=not upstream)
     except VersioningError as exc:
         failure = validation_failure(project) if stage == "validate" else None
         if failure:

@@ -156,6 +156,33 @@ def test_reproduce_and_status_work_from_another_directory(project, tmp_path, mon
         versioning.reproduce(project, "broken")
 
 
+def test_reproduce_single_leaves_a_stale_upstream_stage_alone(tmp_path, monkeypatch):
+    project = tmp_path / "proj"
+    project.mkdir()
+    versioning.ensure_repo(project)
+    (project / "params.yaml").write_text("first:\n  value: 1\n")
+    write = "import sys, pathlib; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"
+    (project / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "first": {"cmd": f'{sys.executable} -c "{write}" one.txt ${{first.value}}',
+                              "params": ["first.value"], "outs": ["one.txt"]},
+                    "second": {"cmd": f'{sys.executable} -c "{write}" two.txt 2',
+                               "deps": ["one.txt"], "outs": ["two.txt"]},
+                }
+            }
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    assert versioning.reproduce(project) == ["first", "second"]
+    (project / "params.yaml").write_text("first:\n  value: 5\n")  # first is stale now
+    assert versioning.reproduce(project, "second", single=True) == []  # not looked at
+    assert (project / "one.txt").read_text() == "1"
+    assert versioning.reproduce(project, "second") == ["first", "second"]
+    assert (project / "one.txt").read_text() == "5"
+
+
 def test_reproduce_routes_stage_commands_through_a_runner(tmp_path, monkeypatch):
     """The runner runs the commands it takes in this process; DVC still records dvc.lock;
     one it declines runs in a shell; a non-zero status fails the stage."""
