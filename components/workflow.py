@@ -126,6 +126,24 @@ def run_nestad_command(cmd: str, cwd: Path) -> int | None:
     return 0
 
 
+@contextlib.contextmanager
+def _s3_source_endpoint(project: Project) -> Iterator[None]:
+    """DVC hashes an ``s3://`` ``ingest.source`` (the ingest stage's dependency) through
+    botocore, which finds an S3-compatible server in ``AWS_ENDPOINT_URL_S3``: set it from
+    ``ingest.s3_endpoint_url`` for the block, unless the environment already sets it."""
+    cfg = project.params.ingest
+    if not (cfg.source.startswith("s3://") and cfg.s3_endpoint_url) or os.environ.get(
+        "AWS_ENDPOINT_URL_S3"
+    ):
+        yield
+        return
+    os.environ["AWS_ENDPOINT_URL_S3"] = cfg.s3_endpoint_url
+    try:
+        yield
+    finally:
+        os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+
+
 def run_stage(project: Project, stage: str, upstream: bool = False) -> bool:
     """``dvc repro`` one stage; True when it ran, False when DVC found it up to date. A
     failed validation raises ValidationFailed naming each failed expectation.
@@ -143,7 +161,7 @@ def run_stage(project: Project, stage: str, upstream: bool = False) -> bool:
         raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
     runner = run_nestad_command if project.params.pipeline.in_process else None
     try:
-        with _this_interpreter_on_path():
+        with _this_interpreter_on_path(), _s3_source_endpoint(project):
             ran = reproduce(project.root, stage, run_command=runner, single=not upstream)
     except VersioningError as exc:
         failure = validation_failure(project) if stage == "validate" else None
