@@ -8,6 +8,8 @@ import io
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import tarfile
 import time
 import zipfile
@@ -315,25 +317,40 @@ def test_a_folder_that_is_not_a_dataset_is_not_overwritten(source, target):
     assert _tree(target) == {"notes.txt": b"mine"}
 
 
-def test_worker_processes_produce_the_same_dataset(source, tmp_path, monkeypatch):
+_POOLED_INGEST = """
+import sys
+from components import ingestion
+from components.config import DataConfig, IngestConfig
+
+submitted = []
+
+
+class SpyPool(ingestion.ProcessPoolExecutor):
+    def submit(self, *args, **kwargs):
+        submitted.append(1)
+        return super().submit(*args, **kwargs)
+
+
+ingestion.ProcessPoolExecutor = SpyPool
+ingestion._POOL_MIN_IMAGES, ingestion._CHUNK = 1, 4
+assert ingestion.threading.active_count() == 1
+ingestion.ingest(sys.argv[1], IngestConfig(workers=2),
+                 DataConfig(anomalous_class="bird", val_fraction=0.25, seed=3), target=sys.argv[2])
+print(len(submitted))
+"""
+
+
+def test_worker_processes_produce_the_same_dataset(source, tmp_path):
+    """Decoding in worker processes gives the same dataset as inline. The pool forks only
+    when no other thread runs (the test session has some), so it runs in a fresh process."""
     inline = ingest(str(source), CFG, DATA_CFG, target=tmp_path / "a" / "toy")
-    submitted = []
-
-    class SpyPool(ingestion.ProcessPoolExecutor):
-        def submit(self, *args, **kwargs):
-            submitted.append(1)
-            return super().submit(*args, **kwargs)
-
-    monkeypatch.setattr(ingestion, "ProcessPoolExecutor", SpyPool)
-    monkeypatch.setattr(ingestion, "_POOL_MIN_IMAGES", 1)
-    monkeypatch.setattr(ingestion, "_CHUNK", 4)
-    if ingestion.threading.active_count() > 1:
-        pytest.skip("another thread is running: the pool is (rightly) not used")
-    pooled = ingest(
-        str(source), CFG.model_copy(update={"workers": 2}), DATA_CFG, target=tmp_path / "b" / "toy"
+    done = subprocess.run(
+        [sys.executable, "-c", _POOLED_INGEST, str(source), str(tmp_path / "b" / "toy")],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
     )
-    assert submitted
-    assert _tree(pooled.dataset) == _tree(inline.dataset)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) > 1  # chunks went to the pool
+    assert _tree(tmp_path / "b" / "toy") == _tree(inline.dataset)
 
 
 # ----------------------------------------------------------------------------------------
