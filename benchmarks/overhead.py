@@ -6,11 +6,11 @@ stages) versus calling the same components directly, on the same tiny synthetic 
 
 Both paths start from an identical fresh project (tests/pipeline_support.py): ingest,
 validate, train, evaluate, register and promote (a new MLflow store each; both version
-the dataset with `dvc add`, as the ingest stage does). Each path runs
-in a fresh Python process, timed from outside, so each pays its own interpreter start and
-imports (torch, Great Expectations, MLflow, Prefect) as a user's script or ``nestad run``
-does. The flow's time includes starting Prefect's embedded server (every ``nestad run``
-without a configured server starts one), DVC's bookkeeping and Prefect's task states.
+the dataset with `dvc add`, as the ingest stage does). Each path runs in a fresh Python
+process, timed from outside, so each pays its own interpreter start and imports (torch,
+Great Expectations, MLflow, Prefect) as a user's script or ``nestad run`` does. The
+flow's time includes starting Prefect's embedded server (every ``nestad run`` without a
+configured server starts one), DVC's bookkeeping and Prefect's task states.
 
 Prefect creates its database once per PREFECT_HOME, on the first run ever: that one-time
 cost is measured first, in its own process, and reported apart (``prefect_first_start_s``).

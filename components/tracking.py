@@ -62,7 +62,7 @@ from components.promotion import (
     check_transition,
     decide_promotion,
 )
-from components.versioning import DATA_TARGET, data_version, locked_output_md5
+from components.versioning import DATA_TARGET, data_version
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class DataVersion:
     """Which data a run used: DVC hash, manifest hash and what the manifest holds."""
 
     source: str
-    dvc_md5: str | None = None  # data.dvc's md5, or a stage output's md5 in dvc.lock
+    dvc_md5: str | None = None  # outs[0].md5 of data.dvc, when the source lies inside it
     manifest_sha256: str | None = None  # of <dataset>/manifest.csv
     source_sha256: str | None = None  # of an archive source (no manifest)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> normal/anom.
@@ -266,8 +266,8 @@ def _sha256_file(path: Path) -> str:
 def describe_data(source: str, root: Path) -> DataVersion:
     """The data version of a training source (relative paths are from ``root``).
 
-    The DVC md5 is recorded when the source lies inside the DVC-tracked ``data/``, or is a
-    pipeline stage's output that ``dvc.lock`` records as it is now.
+    The DVC md5 is recorded when the source lies inside the DVC-tracked ``data/`` (the
+    pipeline's ingest stage keeps ``data.dvc`` up to date).
     """
     from components.data import MANIFEST_NAME, read_manifest
 
@@ -278,8 +278,6 @@ def describe_data(source: str, root: Path) -> DataVersion:
     tracked = (root / DATA_TARGET).resolve()
     if (root / f"{DATA_TARGET}.dvc").is_file() and (path == tracked or tracked in path.parents):
         dvc_md5 = data_version(root, DATA_TARGET)
-    elif path.is_dir():  # a pipeline's ingested dataset: the md5 dvc.lock holds for it
-        dvc_md5 = locked_output_md5(root, path)
     manifest = path / MANIFEST_NAME
     if manifest.is_file():
         manifest_sha = _sha256_file(manifest)

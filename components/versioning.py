@@ -113,21 +113,6 @@ def data_version(root: Path, target: str = DATA_TARGET) -> str:
         raise VersioningError(f"{dvc_file}: unreadable DVC file ({exc})") from None
 
 
-def locked_output_md5(root: Path, path: Path) -> str | None:
-    """The md5 that ``dvc.lock`` records for ``path`` as a pipeline stage's output, provided
-    the workspace still holds exactly that output (DVC compares, with its hash cache);
-    None when no stage outputs ``path``, nothing is locked, or the folder has changed."""
-    root, path = Path(root).absolute(), Path(path).absolute()
-    if not (root / "dvc.lock").is_file() or not (root / ".dvc").is_dir():
-        return None
-    with _repo(root, "status") as repo:
-        for stage in repo.index.stages:
-            for out in stage.outs:
-                if Path(out.fs_path) == path and out.hash_info and out.hash_info.value:
-                    return None if out.status() else str(out.hash_info.value)
-    return None
-
-
 def configure_remote(
     root: Path,
     url: str | Path,
@@ -182,14 +167,14 @@ def reproduce(root: Path, stage: str | None = None,
               run_command: CommandRunner | None = None, single: bool = False) -> list[str]:
     """``dvc repro`` one stage of ``root/dvc.yaml`` (all when None); the stages that ran.
 
-    ``single`` (``dvc repro --single-item``) leaves the stage's upstream unchecked, for a
-    caller that has just reproduced it: DVC then does not re-hash the upstream data (a few
-    seconds for 60,000 images) once per stage.
-
     DVC decides what is stale, restores from its run cache, records ``dvc.lock`` and
     caches the outputs as ever. With ``run_command``, the commands it handles run in this
     process instead of a child shell (no interpreter start or imports per stage); a
     non-zero status fails the stage as a failed command would.
+
+    ``single`` (``dvc repro --single-item``) leaves the stage's upstream unchecked, for a
+    caller that has just reproduced it: DVC then does not re-hash the upstream data (a few
+    seconds for 60,000 images) once per stage.
     """
     root = Path(root).absolute()
     dvc_yaml = root / "dvc.yaml"
