@@ -604,15 +604,8 @@ def test_the_same_source_gives_the_same_data_version_wherever_the_project_lies(
 
 
 @pytest.fixture
-def s3_source(moto_endpoint, source, monkeypatch) -> tuple[str, IngestConfig]:
+def s3_source(moto_endpoint, source, fake_aws) -> tuple[str, IngestConfig]:
     """The toy source uploaded under s3://<bucket>/datasets/toy/ (fake credentials)."""
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
     cfg = CFG.model_copy(
         update={
             "s3_endpoint_url": moto_endpoint,

@@ -167,7 +167,9 @@ def test_the_repository_params_resolve_in_dvc_yaml(tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
-def test_an_s3_source_is_the_ingest_stages_dependency(tmp_path, moto_endpoint, monkeypatch):
+def test_an_s3_source_is_the_ingest_stages_dependency(
+    tmp_path, moto_endpoint, fake_aws, monkeypatch
+):
     """ingest.source = s3://... on an S3-compatible server (moto on 127.0.0.1): DVC hashes
     the prefix as the stage's dependency through ingest.s3_endpoint_url, so an unchanged
     bucket reruns nothing and a new object reruns the stage."""
@@ -175,14 +177,8 @@ def test_an_s3_source_is_the_ingest_stages_dependency(tmp_path, moto_endpoint, m
 
     from components.workflow import load_project, run_stage
 
-    for key, value in {
-        **pipeline_env(tmp_path),
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
+    for key, value in pipeline_env(tmp_path).items():
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     root = make_project(tmp_path, n_train=4, n_test=2)
     s3 = boto3.client("s3", endpoint_url=moto_endpoint)
     s3.create_bucket(Bucket="nestad-source")
