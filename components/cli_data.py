@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 
 from components.cli import ParamsOpt, ProfileOpt, SetOpt, console, friendly_errors
-from components.config import Params, load_params
+from components.config import Params, load_params, project_path
 from components.errors import VersioningError
 
 
@@ -25,11 +25,6 @@ def _load(
 ) -> tuple[Params, Path]:
     """The parameters and the project root (the folder holding params.yaml)."""
     return load_params(params, [*(sets or []), *(extra or [])], profile), params.absolute().parent
-
-
-def _under(root: Path, value: str | Path) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else root / path
 
 
 def _data_target(root: Path, data_root: Path) -> str:
@@ -78,8 +73,8 @@ def ingest_command(
         # the same source gives the same dataset and DVC hash wherever the project lies.
         source = source_name = p.ingest.source
         if not source.startswith("s3://"):
-            source = str(_under(root, source))
-    data_root = _under(root, p.ingest.data_root)
+            source = str(project_path(root, source))
+    data_root = project_path(root, p.ingest.data_root)
     target = data_root / p.ingest.name
     console.print(f"ingesting {escape(source)} -> {escape(str(target))}", highlight=False)
     report = ingest(source, p.ingest, p.data, target=target, source_name=source_name)
@@ -126,8 +121,8 @@ def validate_command(
     from components.validation import validate_dataset
 
     p, root = _load(params, set_, profile)
-    dataset = dataset or _under(root, p.ingest.data_root) / p.ingest.name
-    report_dir = report_dir or _under(root, p.validation.report_dir)
+    dataset = dataset or project_path(root, p.ingest.data_root) / p.ingest.name
+    report_dir = report_dir or project_path(root, p.validation.report_dir)
     report = validate_dataset(
         dataset, p.validation, p.data, report_dir=report_dir, workers=p.ingest.workers
     )
@@ -163,7 +158,7 @@ def data_version_command(
     from components.versioning import data_version
 
     p, root = _load(params, set_, None)
-    typer.echo(data_version(root, _data_target(root, _under(root, p.ingest.data_root))))
+    typer.echo(data_version(root, _data_target(root, project_path(root, p.ingest.data_root))))
 
 
 @friendly_errors
@@ -197,7 +192,7 @@ def push_command(
     from components.versioning import push
 
     p, root = _load(params, set_, None)
-    target = _data_target(root, _under(root, p.ingest.data_root))
+    target = _data_target(root, project_path(root, p.ingest.data_root))
     typer.echo(f"pushed {push(root, remote, target):,} files")
 
 
@@ -211,7 +206,7 @@ def pull_command(
     from components.versioning import pull
 
     p, root = _load(params, set_, None)
-    stats = pull(root, remote, _data_target(root, _under(root, p.ingest.data_root)))
+    stats = pull(root, remote, _data_target(root, project_path(root, p.ingest.data_root)))
     typer.echo(", ".join(f"{k} {v}" for k, v in stats.items()) or "up to date")
 
 

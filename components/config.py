@@ -264,6 +264,13 @@ def load_params(
     return parse_params(tree, origin=str(path))
 
 
+def project_path(root: Path, value: str | Path) -> Path:
+    """A path from params.yaml: ``~`` expanded, a relative one read from the project root
+    (the folder holding params.yaml)."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(root) / path
+
+
 def flatten_params(params: Params) -> dict[str, Any]:
     """``{"train.epochs": 15, ...}`` for trackers and lineage."""
     flat: dict[str, Any] = {}

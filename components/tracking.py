@@ -50,7 +50,13 @@ from typing import Any
 
 import pandas as pd
 
-from components.config import Params, RegistryConfig, flatten_params, load_params
+from components.config import (
+    Params,
+    RegistryConfig,
+    flatten_params,
+    load_params,
+    project_path,
+)
 from components.errors import NestadError
 from components.promotion import (
     CANDIDATE,
@@ -271,8 +277,7 @@ def describe_data(source: str, root: Path) -> DataVersion:
     """
     from components.data import MANIFEST_NAME, read_manifest
 
-    path = Path(source).expanduser()
-    path = (path if path.is_absolute() else root / path).resolve()
+    path = project_path(root, source).resolve()
     dvc_md5 = manifest_sha = source_sha = None
     counts: dict[str, dict[str, int]] = {}
     tracked = (root / DATA_TARGET).resolve()
@@ -338,8 +343,7 @@ def code_version(root: Path) -> dict[str, str | None]:
 
 def _validation_summary(params: Params, root: Path, data: DataVersion) -> dict[str, Any] | None:
     """The latest ``nestad validate`` verdict for this dataset, or None if there is none."""
-    file = Path(params.validation.report_dir)
-    file = (file if file.is_absolute() else root / file) / "summary.json"
+    file = project_path(root, params.validation.report_dir) / "summary.json"
     if not file.is_file():
         return None
     try:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from components.config import Params, load_params
+from components.config import Params, load_params, project_path
 from components.decisions import DataState
 from components.errors import ConfigError, NestadError, ValidationFailed, VersioningError
 
@@ -41,8 +41,7 @@ class Project:
 
     def resolve(self, value: str) -> Path:
         """A params.yaml path, relative ones read from the project root."""
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else self.root / path
+        return project_path(self.root, value)
 
     @property
     def dataset(self) -> Path:
@@ -80,16 +79,35 @@ def prepare(project: Project) -> bool:
 
 
 @contextlib.contextmanager
-def _this_interpreter_on_path() -> Iterator[None]:
-    """Stage commands call ``nestad``: find this environment's one even when the virtual
-    environment is not activated (e.g. ``.venv/bin/nestad run``)."""
-    bin_dir = str(Path(sys.executable).parent)
-    saved = os.environ.get("PATH", "")
-    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{saved}"
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block, then restore what was there."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        os.environ["PATH"] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _stage_environ(project: Project) -> dict[str, str]:
+    """What the stages need in the environment:
+
+    - this environment's ``bin`` first on PATH: stage commands call ``nestad``, found even
+      when the virtual environment is not activated (e.g. ``.venv/bin/nestad run``);
+    - ``AWS_ENDPOINT_URL_S3`` from ``ingest.s3_endpoint_url`` for an ``s3://`` source,
+      unless already set: DVC hashes the ingest stage's dependency through botocore, which
+      finds an S3-compatible server there.
+    """
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cfg = project.params.ingest
+    if (cfg.source.startswith("s3://") and cfg.s3_endpoint_url
+            and not os.environ.get("AWS_ENDPOINT_URL_S3")):
+        env["AWS_ENDPOINT_URL_S3"] = cfg.s3_endpoint_url
+    return env
 
 
 _SHELL_OPERATORS = set("();<>|&")
@@ -126,24 +144,6 @@ def run_nestad_command(cmd: str, cwd: Path) -> int | None:
     return 0
 
 
-@contextlib.contextmanager
-def _s3_source_endpoint(project: Project) -> Iterator[None]:
-    """DVC hashes an ``s3://`` ``ingest.source`` (the ingest stage's dependency) through
-    botocore, which finds an S3-compatible server in ``AWS_ENDPOINT_URL_S3``: set it from
-    ``ingest.s3_endpoint_url`` for the block, unless the environment already sets it."""
-    cfg = project.params.ingest
-    if not (cfg.source.startswith("s3://") and cfg.s3_endpoint_url) or os.environ.get(
-        "AWS_ENDPOINT_URL_S3"
-    ):
-        yield
-        return
-    os.environ["AWS_ENDPOINT_URL_S3"] = cfg.s3_endpoint_url
-    try:
-        yield
-    finally:
-        os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-
-
 def run_stage(project: Project, stage: str, upstream: bool = False) -> bool:
     """``dvc repro`` one stage; True when it ran, False when DVC found it up to date. A
     failed validation raises ValidationFailed naming each failed expectation.
@@ -161,7 +161,7 @@ def run_stage(project: Project, stage: str, upstream: bool = False) -> bool:
         raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
     runner = run_nestad_command if project.params.pipeline.in_process else None
     try:
-        with _this_interpreter_on_path(), _s3_source_endpoint(project):
+        with _environ(_stage_environ(project)):
             ran = reproduce(project.root, stage, run_command=runner, single=not upstream)
     except VersioningError as exc:
         failure = validation_failure(project) if stage == "validate" else None
