@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from components.config import load_params  # noqa: E402
-from components.ingestion import ingest  # noqa: E402
-from components.validation import validate_dataset  # noqa: E402
+from components.data.ingest import ingest  # noqa: E402
+from components.data.validate import validate_dataset  # noqa: E402
 
 
 def main() -> int:

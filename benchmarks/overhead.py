@@ -40,7 +40,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from pipeline_support import make_project, pipeline_env  # noqa: E402
 
-from components.workflow import load_project  # noqa: E402
+from components.pipeline.workflow import load_project  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -66,11 +66,13 @@ def _isolated(tmp: Path) -> Iterator[None]:
 def run_direct(root: Path) -> dict[str, float]:
     """The components, in this process, in pipeline order; seconds per step."""
     from components.config import load_params
-    from components.ingestion import ingest
-    from components.pipeline import evaluate_stage, train_stage
-    from components.tracking import open_registry, promote_auto, register_run
-    from components.validation import validate_dataset
-    from components.versioning import ensure_repo, track_data
+    from components.data.ingest import ingest
+    from components.data.validate import validate_dataset
+    from components.data.version import ensure_repo, track_data
+    from components.pipeline.stages import evaluate_stage, train_stage
+    from components.registry.client import open_registry
+    from components.registry.promote import promote_auto
+    from components.registry.versions import register_run
 
     project = load_project(root)
     params = load_params(root / "params.yaml", profile=project.params.pipeline.profile)

@@ -6,7 +6,8 @@
 
 Runs models x CIFAR-10 classes (each in turn anomalous, leave-one-class-out) x seeds with
 the same training and evaluation code and the same settings for all three models
-(``components.training.fit``, ``components.scoring``, ``components.evaluation``), and
+(``components.detector.train.fit``, ``components.detector.score``,
+``components.detector.evaluate``), and
 reports every cell under two protocols side by side:
 
 - **leak-free** (nestad's): checkpoint chosen on validation normals by ``fit``;
@@ -57,27 +58,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from components.config import DataConfig, Params, flatten_params, load_params  # noqa: E402
-from components.data import (  # noqa: E402
-    DatasetSplits,
-    ImageSet,
-    assign_split,
-    decode_images,
-    scan_source,
-    stratified_subset,  # the stratified subset load_splits takes; see note in class_splits
-)
-from components.evaluation import (  # noqa: E402
-    classification_metrics,
-    evaluate_scores,
-    normalise,
-)
-from components.scoring import (  # noqa: E402
-    Runtime,
-    intra_op_threads,
-    resolve_runtime,
-    score_batch,
-    score_images,
-)
-from components.training import EpochReport, fit  # noqa: E402
+from components.data.images import decode_images  # noqa: E402
+from components.data.layout import assign_split  # noqa: E402
+from components.data.splits import DatasetSplits, ImageSet, scan_source, stratified_subset  # noqa: E402
+from components.detector.evaluate import classification_metrics, evaluate_scores, normalise  # noqa: E402
+from components.detector.score import score_batch, score_images  # noqa: E402
+from components.detector.train import EpochReport, fit  # noqa: E402
+from components.runtime import Runtime, intra_op_threads, resolve_runtime  # noqa: E402
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")

@@ -62,19 +62,19 @@ from torch import Tensor, nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from components.config import load_params  # noqa: E402
-from components.data import to_model_input  # noqa: E402
-from components.model import count_flops  # noqa: E402
-from components.scoring import (  # noqa: E402
+from components.data.images import to_model_input  # noqa: E402
+from components.detector.model import count_flops  # noqa: E402
+from components.detector.networks import build_networks  # noqa: E402
+from components.detector.score import score_batch, score_images  # noqa: E402
+from components.detector.train import GanTrainer  # noqa: E402
+from components.runtime import (  # noqa: E402
     COMPILE_MIN_TRAIN_STEPS,
     Runtime,
     compile_pays_off,
     cpu_has_fast_bf16,
     intra_op_threads,
     resolve_runtime,
-    score_batch,
-    score_images,
 )
-from components.training import GanTrainer, build_networks  # noqa: E402
 
 SCORE_WEIGHT = 0.9
 # Training steps of the paper's CIFAR-10 protocol: 45000 normals, 10% held out for

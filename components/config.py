@@ -136,7 +136,7 @@ class ValidateConfig(_Section):
 
 
 class RegistryConfig(_Section):
-    """MLflow tracking, the model registry and the promotion gate (``components.tracking``).
+    """MLflow tracking, the model registry and the promotion gate (``components.registry``).
 
     Tracking URI: ``tracking_uri`` when set, else ``$MLFLOW_TRACKING_URI``, else an
     embedded SQLite store ``sqlite:///<project>/mlflow.db`` (no server needed).

@@ -1,14 +1,170 @@
-"""Whether new data warrants retraining: a pure function, no I/O.
+"""Pure decisions, no I/O and no MLflow: whether a version may be promoted, whether new
+data warrants retraining. The flows and ``components.registry.promote`` apply them.
 
-The retraining flow compares the dataset after an incremental ingestion with the data the
-newest registered model was trained on. Ingestion only ever adds images, so the count of
-normal training images (train + validation splits) tells how many new normal images
-arrived; new test images or anomalous images alone do not change what the model learns.
+Promotion: a registered version moves through three aliases, ``candidate`` -> ``staging``
+-> ``production``. The automatic gate promotes a candidate to production only when it
+beats the current production version on the *same evaluation data* (the same images,
+labels and data version) by more than a margin on one metric. Figures measured on
+different test sets are not comparable, so the gate refuses them rather than guess.
+
+Retraining: the retraining flow compares the dataset after an incremental ingestion with
+the data the newest registered model was trained on. Ingestion only ever adds images, so
+the count of normal training images (train + validation splits) tells how many new
+normal images arrived; new test images or anomalous images alone do not change what the
+model learns.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# ----------------------------------------------------------------------------------------
+# Promotion
+# ----------------------------------------------------------------------------------------
+
+CANDIDATE, STAGING, PRODUCTION = "candidate", "staging", "production"
+STAGES = (CANDIDATE, STAGING, PRODUCTION)
+# The alias a version must hold before it may move to each stage (without --force).
+_REQUIRED_BEFORE = {STAGING: CANDIDATE, PRODUCTION: STAGING}
+
+
+@dataclass(frozen=True)
+class VersionFigures:
+    """What the gate knows about one registered version."""
+
+    version: str
+    metrics: Mapping[str, float]
+    eval_data_version: str | None  # digest of the evaluation images, labels and data version
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The gate's verdict and the figures it compared (recorded in version tags)."""
+
+    promote: bool
+    reason: str
+    metric: str
+    margin: float
+    higher_is_better: bool
+    candidate_value: float | None = None
+    production_value: float | None = None
+    production_version: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _finite(metrics: Mapping[str, float], key: str) -> float | None:
+    value = metrics.get(key)
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def decide_promotion(
+    candidate: VersionFigures,
+    production: VersionFigures | None,
+    metric: str,
+    margin: float = 0.0,
+    higher_is_better: bool = True,
+) -> GateDecision:
+    """Promote ``candidate`` over ``production`` only if it is better by more than ``margin``.
+
+    Refuses when the candidate is already production, a figure is missing or not finite,
+    or the two were evaluated on different (or unknown) evaluation data. With no
+    production version yet, a candidate with a finite figure is promoted.
+    """
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+
+    def verdict(
+        promote: bool, reason: str, cand: float | None = None, prod: float | None = None
+    ) -> GateDecision:
+        return GateDecision(
+            promote,
+            reason,
+            metric,
+            margin,
+            higher_is_better,
+            cand,
+            prod,
+            production.version if production else None,
+        )
+
+    cand = _finite(candidate.metrics, metric)
+    if production is not None and candidate.version == production.version:
+        return verdict(False, f"version {candidate.version} is already production", cand, cand)
+    if cand is None:
+        return verdict(False, f"candidate version {candidate.version} has no finite {metric}")
+    if production is None:
+        return verdict(True, "no production version yet", cand)
+    prod = _finite(production.metrics, metric)
+    if not candidate.eval_data_version or not production.eval_data_version:
+        return verdict(
+            False,
+            "the evaluation data version of "
+            f"{'the candidate' if not candidate.eval_data_version else 'production'} "
+            "is unknown, so the figures are not comparable",
+            cand,
+            prod,
+        )
+    if candidate.eval_data_version != production.eval_data_version:
+        return verdict(
+            False,
+            f"evaluated on different data (candidate "
+            f"{candidate.eval_data_version[:12]}, production "
+            f"{production.eval_data_version[:12]}), so the figures are not "
+            "comparable",
+            cand,
+            prod,
+        )
+    if prod is None:
+        return verdict(
+            False, f"production version {production.version} has no finite {metric}", cand
+        )
+    improvement = cand - prod if higher_is_better else prod - cand
+    better = "higher" if higher_is_better else "lower"
+    if improvement > margin:
+        return verdict(
+            True,
+            f"{metric} {cand:.6g} vs {prod:.6g}: {better} by {improvement:.6g} > margin {margin:g}",
+            cand,
+            prod,
+        )
+    return verdict(
+        False,
+        f"{metric} {cand:.6g} vs {prod:.6g}: not {better} by more than margin {margin:g}",
+        cand,
+        prod,
+    )
+
+
+def check_transition(
+    target: str, holds: frozenset[str] | set[str], force: bool = False
+) -> str | None:
+    """Why a version holding aliases ``holds`` may not move to ``target``; None if it may.
+
+    ``staging`` needs ``candidate``, ``production`` needs ``staging``; ``force`` skips the
+    order (never an unknown stage).
+    """
+    if target not in STAGES:
+        return f"unknown stage {target!r} (stages: {', '.join(STAGES)})"
+    if target in holds:
+        return f"it is already {target}"
+    required = _REQUIRED_BEFORE.get(target)
+    if force or required is None or required in holds:
+        return None
+    held = ", ".join(sorted(holds)) or "no alias"
+    return f"it must be {required} before {target} (it holds: {held}); use --force to skip a stage"
+
+
+# ----------------------------------------------------------------------------------------
+# Retraining
+# ----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from components.cli import console, friendly_errors
-from components.cli import get_app as components_app
+from components.cli.app import get_app as components_app
+from components.cli.common import console, friendly_errors
 from components.errors import NestadError
 
 ProjectOpt = Annotated[
@@ -46,7 +46,7 @@ def _prefect_env() -> None:
 
 
 def _mlflow_ui(project: Any) -> str:
-    from components.tracking import tracking_uri
+    from components.registry.client import tracking_uri
 
     uri = tracking_uri(project.params.registry, project.root)
     if uri.startswith(("http://", "https://")):
@@ -76,7 +76,7 @@ def _figure(project: Any) -> str:
 
 def _print_where(project: Any, report: Any) -> None:
     """Where the model, metrics, plots, Data Docs and the UIs are."""
-    from components.workflow import registered_models
+    from components.pipeline.workflow import registered_models
 
     lines = []
     if report.registered is not None:
@@ -127,7 +127,7 @@ def run_cmd(
 ) -> None:
     """Run the training flow: ingest, validate, train, evaluate, register, promote."""
     from components.config import set_pipeline_profile
-    from components.workflow import load_project
+    from components.pipeline.workflow import load_project
 
     if profile is not None and set_pipeline_profile(project / "params.yaml", profile):
         console.print(f"params.yaml: pipeline.profile is now {profile!r}")
@@ -180,7 +180,7 @@ def schedule_cmd(
     """Serve the retraining flow on a cron schedule (needs a Prefect server)."""
     from pydantic import ValidationError
 
-    from components.workflow import load_project
+    from components.pipeline.workflow import load_project
 
     try:
         from prefect.client.schemas.schedules import CronSchedule

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 from components.decisions import DataState, RetrainDecision, decide_retraining
-from components.workflow import Project, data_state, load_project, trained_state
+from components.pipeline.workflow import Project, data_state, load_project, trained_state
 from flows.training import IO_RETRIES, TrainingReport, ingest, training_flow
 
 

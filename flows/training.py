@@ -18,7 +18,8 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from components.workflow import (
+from components.cli.stage_runner import run_nestad_command
+from components.pipeline.workflow import (
     Project,
     PromotionOutcome,
     RegisteredModel,
@@ -32,6 +33,12 @@ from components.workflow import (
 # DVC is the cache: Prefect must run every task (inputs are a small Project anyway).
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 10, "cache_policy": NO_CACHE}
 LOCAL = {"cache_policy": NO_CACHE}
+
+
+def _reproduce(project: Project, stage: str) -> bool:
+    """``run_stage`` with the stages' ``nestad`` commands run in this interpreter (unless
+    ``pipeline.in_process`` is false)."""
+    return run_stage(project, stage, run_command=run_nestad_command)
 
 
 @dataclass(frozen=True)
@@ -48,31 +55,31 @@ class TrainingReport:
 def ingest(project: Project) -> bool:
     """Add the source's new images to the versioned dataset (DVC stage ``ingest``)."""
     prepare(project)
-    return run_stage(project, "ingest")
+    return _reproduce(project, "ingest")
 
 
 @task(name="validate", **LOCAL)
 def validate(project: Project) -> bool:
     """Run the expectation suite; fails, naming each failed expectation, on bad data."""
-    return run_stage(project, "validate")
+    return _reproduce(project, "validate")
 
 
 @task(name="train", **LOCAL)
 def train(project: Project) -> bool:
     """Train on the normal images; keep the epoch chosen on validation normals."""
-    return run_stage(project, "train")
+    return _reproduce(project, "train")
 
 
 @task(name="evaluate", **LOCAL)
 def evaluate(project: Project) -> bool:
     """Fit normalisation and thresholds on validation normals; score the test split."""
-    return run_stage(project, "evaluate")
+    return _reproduce(project, "evaluate")
 
 
 @task(name="register", **IO_RETRIES)
 def register(project: Project) -> RegisteredModel | None:
     """Register the evaluated model as ``candidate``; None when DVC found it registered."""
-    return newest_candidate(project) if run_stage(project, "register") else None
+    return newest_candidate(project) if _reproduce(project, "register") else None
 
 
 @task(name="promote-if-better", **IO_RETRIES)

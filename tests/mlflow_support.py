@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import build_tiny_params
 from PIL import Image
+from synthetic_support import build_tiny_params
 
 from components.config import Params
 
@@ -136,8 +136,9 @@ def _evaluate(root: Path) -> None:
     """An evaluated run folder from untrained networks (training is tested elsewhere)."""
     import torch
 
-    from components.pipeline import evaluate_stage
-    from components.training import CHECKPOINT_FORMAT, build_networks, save_atomic
+    from components.detector.networks import build_networks
+    from components.detector.train import CHECKPOINT_FORMAT, save_atomic
+    from components.pipeline.stages import evaluate_stage
 
     params = tiny_params(root, evaluate={"plots": False})
     out = root / "outputs"
@@ -208,7 +209,7 @@ def project_template(factory: pytest.TempPathFactory) -> Path:
             ["commit", "-q", "-m", "template"],
         ):
             subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True)
-        from components.tracking import open_registry
+        from components.registry.client import open_registry
 
         # Migrating a new SQLite store takes seconds; do it once and copy the file.
         reg = open_registry(tiny_params(root).registry, root)
@@ -241,7 +242,7 @@ class Registered:
     tracked live (two epochs through ``epoch_logger``) in a child of a pipeline run."""
 
     project: Project
-    version: Any  # components.tracking.RegisteredVersion
+    version: Any  # components.registry.versions.RegisteredVersion
     parent_run_id: str
 
 
@@ -249,8 +250,10 @@ def registered_project(factory: pytest.TempPathFactory) -> Registered:
     """Build (once per session) and return the registered project."""
     if "registered" in _TEMPLATE:
         return _TEMPLATE["registered"]
-    from components.tracking import epoch_logger, open_registry, register_run, start_run
-    from components.training import EpochReport
+    from components.detector.train import EpochReport
+    from components.registry.client import open_registry
+    from components.registry.runs import epoch_logger, start_run
+    from components.registry.versions import register_run
 
     tmp = factory.mktemp("registered")
     with quiet_env(tmp):

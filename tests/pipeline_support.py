@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import write_images
+from synthetic_support import write_images
 
 from components.config import parse_params
 
@@ -111,9 +111,11 @@ def make_project(base: Path, n_train: int = 12, n_test: int = 4, **changes: Any)
         add_images(source, label, n_train, part="train")
         add_images(source, label, n_test, part="test")
     root = base / "project"
-    (root / "components").mkdir(parents=True)
-    for file in (REPO / "components").glob("*.py"):  # the code the stages declare as deps
-        shutil.copy2(file, root / "components" / file.name)
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(  # the code the stages declare as deps
+        REPO / "components", root / "components",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
     shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
     write_params(root, **changes)
     (root / ".gitignore").write_text("/outputs/\n/mlflow.db\n/mlartifacts/\n")

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from components.data import load_splits
-from components.scoring import resolve_runtime
-from components.training import build_networks, fit
+from components.data.splits import load_splits
+from components.detector.networks import build_networks
+from components.detector.train import fit
+from components.runtime import resolve_runtime
 
 REPO = Path(__file__).resolve().parents[1]
 

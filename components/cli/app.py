@@ -1,0 +1,181 @@
+"""The ``nestad`` app: ``train``, ``evaluate`` and ``score`` (thin glue over the stage
+functions in ``components.pipeline.stages``), plus the data and registry commands.
+
+Every command reads ``params.yaml`` through ``components.config`` (``--profile`` and
+``-s KEY=VALUE`` override it) and turns a ``NestadError`` into one red line and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from components.cli.common import (
+    OutOpt,
+    ParamsOpt,
+    ProfileOpt,
+    SetOpt,
+    _params,
+    console,
+    friendly_errors,
+)
+from components.errors import NestadError
+
+app = typer.Typer(
+    name="nestad",
+    help="Leak-free GAN anomaly detection (fully-nested encoder-decoder, Zhang 2022).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+
+
+def _print_metrics(report, out: Path) -> None:
+    table = Table(title="Test metrics (threshold-free AUROC/AUPRC; F1 etc. at the threshold)")
+    table.add_column("protocol")
+    for key in ("auroc", "auprc", "f1", "precision", "recall", "threshold"):
+        table.add_column(key, justify="right")
+    lf = report.leak_free
+    thr = report.norm.threshold(lf["threshold_used"])
+    table.add_row(f"leak-free (threshold {lf['threshold_used']})",
+                  *(f"{lf[k]:.4f}" for k in ("auroc", "auprc", "f1", "precision", "recall")),
+                  f"{thr:.4f}")
+    pc = report.paper_compatible
+    table.add_row("paper-compatible (test min-max, 0.2)",
+                  *(f"{pc[k]:.4f}" for k in ("auroc", "auprc", "f1", "precision", "recall",
+                                             "threshold")))
+    Console().print(table)
+    console.print(f"metrics: {out / 'metrics.json'}\nplots:   {out / 'plots'}\n"
+                  f"model:   {out / 'model' / 'detector.pt'}\nscores:  {out / 'test_scores.csv'}")
+
+
+@app.command()
+@friendly_errors
+def train(
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    out: OutOpt = Path("outputs"),
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.pt.")] = False,
+    evaluate: Annotated[bool, typer.Option(help="Evaluate right after training.")] = False,
+) -> None:
+    """Train on normal images; keep the epoch chosen on validation normals."""
+    from components.data.splits import load_splits
+    from components.pipeline.stages import evaluate_stage, train_stage
+
+    cfg = _params(params, profile, set_)
+    with _progress() as bar:
+        task = bar.add_task("decoding images", total=None, info="")
+        include = ("train", "val", "test") if evaluate else ("train", "val")
+        splits = load_splits(cfg.data, progress=lambda n: bar.advance(task, n), include=include)
+        bar.update(task, total=bar.tasks[task].completed)
+        console.print(f"train {len(splits.train)} · val {len(splits.val)} normal images"
+                      + (f" · test {len(splits.test)}" if evaluate else ""))
+        epochs = bar.add_task("epochs", total=cfg.train.epochs, info="")
+        batches = bar.add_task("batches", total=None, info="")
+
+        def on_batch(s) -> None:
+            bar.update(batches, completed=s.batch, total=s.batches,
+                       description=f"epoch {s.epoch}", info=f"D {s.loss_d:.3f}  G {s.loss_g:.3f}")
+
+        def on_epoch(r) -> None:
+            bar.update(epochs, completed=r.epoch,
+                       info=f"val R {r.val_recon:.4f}  {r.images_per_s:.0f} img/s")
+
+        result = train_stage(cfg, out, splits=splits, resume=resume, on_epoch=on_epoch,
+                             on_batch=on_batch)
+    console.print(f"kept epoch {result.best_epoch} (lowest validation reconstruction error) "
+                  f"on {result.runtime.device}, "
+                  f"{'bf16' if result.runtime.amp_dtype else 'fp32'}; "
+                  f"checkpoints in {out / 'checkpoints'}")
+    if evaluate:
+        _print_metrics(evaluate_stage(cfg, out, splits=splits), out)
+
+
+@app.command("evaluate")
+@friendly_errors
+def evaluate_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    out: OutOpt = Path("outputs"),
+) -> None:
+    """Fit normalisation on validation normals, then score the sealed test split once."""
+    from components.pipeline.stages import evaluate_stage
+
+    cfg = _params(params, profile, set_)
+    with console.status("scoring validation and test images"):
+        report = evaluate_stage(cfg, out)
+    _print_metrics(report, out)
+
+
+@app.command()
+@friendly_errors
+def score(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model file, run folder's "
+                                        "model/ directory, or a registered model "
+                                        "models:/<name>@<alias> | models:/<name>/<version>.")
+                     ] = Path("outputs/model"),
+    output: Annotated[Path | None, typer.Option("--output", help="CSV to write "
+                                                "(default: standard output).")] = None,
+    threshold: Annotated[str | None, typer.Option(help="fpr | fixed (default: the model's).")
+                         ] = None,
+) -> None:
+    """Score images with a saved model: CSV of path, score, normalised_score, is_anomaly."""
+    import csv
+
+    from components.pipeline.stages import score_paths
+
+    if threshold not in (None, "fpr", "fixed"):
+        raise NestadError(f"--threshold: {threshold!r} is not 'fpr' or 'fixed'")
+    if str(model).startswith("models:/"):  # registry (params.yaml here): downloaded, cached
+        from components.registry.download import resolve_model_uri
+
+        model = resolve_model_uri(str(model))
+    rows = score_paths(model, paths, output, threshold=threshold)
+    if output is None:
+        writer = csv.DictWriter(sys.stdout, fieldnames=["path", "score", "normalised_score",
+                                                        "is_anomaly"])
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        flagged = sum(r["is_anomaly"] for r in rows)
+        console.print(f"scored {len(rows)} images, {flagged} flagged anomalous -> {output}")
+
+
+def _register_extensions() -> None:
+    """Commands of other areas (data, registry) register themselves here; the flows' own
+    (``run``, ``schedule``) are added by ``flows.cli``, the console script."""
+    from components.cli import data, registry
+
+    for module in (data, registry):
+        module.register(app)
+    _registered.append(True)
+
+
+_registered: list[bool] = []
+
+
+def get_app() -> typer.Typer:
+    """The app with every area's commands registered (once)."""
+    if not _registered:
+        _register_extensions()
+    return app
+
+
+def main() -> None:
+    get_app()()

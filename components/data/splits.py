@@ -1,0 +1,165 @@
+"""Loading a dataset for training: read a source once, split it without leaks, decode it
+once into ``ImageSet``s (a folder, an archive, or a dataset with ``manifest.csv``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from components.config import DataConfig
+from components.data.images import Progress, decode_images, sha256_hex
+from components.data.layout import (
+    IMAGE_SUFFIXES,
+    assign_split,
+    check_no_empty_class_folders,
+    is_hidden,
+    iter_source_files,
+    parse_layout,
+    strip_to_layout_root,
+)
+from components.data.manifest import MANIFEST_COLUMNS, MANIFEST_NAME, SPLITS, read_manifest
+from components.errors import DataError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: ingestion and validation
+    import torch  # read and hash images without it (seconds less per stage process)
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one split and what is known about them."""
+
+    images: torch.Tensor  # (N, C, H, W) uint8
+    is_anomaly: np.ndarray  # (N,) int, 1 = anomalous
+    paths: list[str]
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass
+class DatasetSplits:
+    """train and val hold normal images only; test is sealed: it chooses nothing."""
+
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    manifest: pd.DataFrame  # MANIFEST_COLUMNS, the rows actually used
+
+
+def stratified_subset(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
+    """A seeded random subset of at most ``limit`` rows, stratified by ``is_normal``."""
+    if limit is None or len(frame) <= limit:
+        return frame
+    parts = []
+    for _, group in frame.groupby("is_normal", sort=True):
+        take = max(1, round(limit * len(group) / len(frame)))
+        parts.append(group.sample(n=min(take, len(group)), random_state=seed))
+    return pd.concat(parts).sort_index()
+
+
+def _build_manifest(files: dict[str, bytes], cfg: DataConfig, source: str) -> pd.DataFrame:
+    records = parse_layout(sorted(files), cfg.layout, cfg.anomalous_class, source)
+    rows = []
+    seen: dict[str, str] = {}
+    for rec in records:
+        sha = sha256_hex(files[rec.path])
+        if sha in seen:  # an exact duplicate could sit in two splits: keep the first only
+            continue
+        seen[sha] = rec.path
+        if not rec.is_normal or rec.partition == "test":
+            split = "test"
+        else:
+            split = assign_split(sha, cfg.seed, cfg.val_fraction)
+        rows.append((rec.path, sha, rec.label, rec.is_normal, split, 0, 0, cfg.channels, source))
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+def scan_source(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, bytes]]:
+    """The manifest of a source and the bytes of its images (keyed by manifest path)."""
+    source = Path(cfg.source).expanduser()
+    if cfg.layout == "manifest" or (source / MANIFEST_NAME).is_file():
+        frame = read_manifest(source)
+        return frame, {}  # images are read lazily from the dataset folder
+    check_no_empty_class_folders(source)
+    files = strip_to_layout_root(dict(iter_source_files(source)), source)
+    return _build_manifest(files, cfg, str(source)), files
+
+
+def load_splits(cfg: DataConfig, progress: Progress | None = None,
+                include: tuple[str, ...] = SPLITS) -> DatasetSplits:
+    """Read, split, subset and decode a source into train/val/test image sets.
+
+    Splits not in ``include`` are left empty (not decoded); the split itself is the same.
+    """
+    import torch
+
+    frame, files = scan_source(cfg)
+    source = Path(cfg.source).expanduser()
+    train_pool = frame[frame["split"] != "test"]
+    train_pool = stratified_subset(train_pool, cfg.max_train_images, cfg.seed)
+    test = stratified_subset(frame[frame["split"] == "test"], cfg.max_test_images, cfg.seed)
+    used = pd.concat([train_pool, test])
+
+    def as_set(name: str) -> ImageSet:
+        rows = splits[name] if name in include else splits[name].iloc[:0]
+        items = []
+        for rel in rows["path"]:
+            data = files.get(rel)
+            if data is None:
+                file = source / rel
+                try:
+                    data = file.read_bytes()
+                except OSError as exc:
+                    raise DataError(f"{file}: cannot read ({exc.strerror})") from None
+            items.append((f"{source}/{rel}", data))
+        if rows.empty:
+            shape = (0, cfg.channels, cfg.image_size, cfg.image_size)
+            return ImageSet(torch.zeros(shape, dtype=torch.uint8), np.zeros(0, int), [], [])
+        images, sizes = decode_images(items, cfg.image_size, cfg.channels,
+                                      cfg.min_image_size, cfg.decode_workers, progress)
+        if (rows["width"] == 0).any():  # raw sources: sizes known only after decoding
+            used.loc[rows.index, "width"] = sizes[:, 0]
+            used.loc[rows.index, "height"] = sizes[:, 1]
+        return ImageSet(images, (~rows["is_normal"].to_numpy()).astype(int),
+                        list(rows["path"]), list(rows["label"]))
+
+    splits = {name: used[used["split"] == name] for name in SPLITS}
+    for name in ("train", "val"):
+        if splits[name].empty:
+            raise DataError(f"{source}: the {name} split is empty (too few normal images for "
+                            f"data.val_fraction={cfg.val_fraction})")
+    if splits["test"].empty:
+        raise DataError(f"{source}: the test split is empty")
+    sets = {name: as_set(name) for name in SPLITS}
+    return DatasetSplits(sets["train"], sets["val"], sets["test"], used.reset_index(drop=True))
+
+
+def load_images(paths: list[Path], image_size: int, channels: int,
+                workers: int = 2) -> tuple[torch.Tensor, list[str]]:
+    """Decode files, or every image file under folders, for scoring."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*")
+                           if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                           and not is_hidden(f.relative_to(path).as_posix()))
+            if not found:
+                raise DataError(f"{path}: folder holds no image files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    items = []
+    for file in files:
+        try:
+            items.append((str(file), file.read_bytes()))
+        except OSError as exc:
+            raise DataError(f"{file}: cannot read ({exc.strerror})") from None
+    images, _ = decode_images(items, image_size, channels, workers=workers)
+    return images, [n for n, _ in items]

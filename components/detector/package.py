@@ -1,0 +1,75 @@
+"""The saved model: one file with weights, normalisation statistics and what built it.
+
+No pickled classes: the file holds tensors and plain containers, is loaded with
+``weights_only=True``, and the networks are rebuilt from the stored model config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from components.config import ModelConfig
+from components.detector.evaluate import NormStats
+from components.detector.networks import build_networks
+from components.detector.score import AnomalyDetector
+from components.detector.train import load_state_file, save_atomic
+from components.errors import ModelFileError
+
+MODEL_FORMAT = "nestad-model/1"
+MODEL_FILE = "detector.pt"
+
+
+def build_detector(
+    model_cfg: ModelConfig, channels: int, image_size: int, score_weight: float
+) -> AnomalyDetector:
+    generator, discriminator = build_networks(model_cfg, channels, image_size)
+    return AnomalyDetector(generator, discriminator, score_weight)
+
+
+def save_detector(
+    path: Path,
+    detector: AnomalyDetector,
+    model_cfg: ModelConfig,
+    channels: int,
+    image_size: int,
+    norm: NormStats,
+    threshold: str,
+    provenance: dict[str, Any] | None = None,
+) -> None:
+    """Write the model file atomically; the statistics also sit in the detector's buffers."""
+    detector.set_statistics(norm.score_min, norm.score_max, norm.threshold(threshold))
+    save_atomic(
+        {
+            "format": MODEL_FORMAT,
+            "model": model_cfg.model_dump(),
+            "channels": channels,
+            "image_size": image_size,
+            "score_weight": detector.weight,
+            "threshold": threshold,
+            "norm": asdict(norm),
+            "state_dict": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
+            "provenance": provenance or {},
+        },
+        path,
+    )
+
+
+def load_detector(path: Path) -> tuple[AnomalyDetector, dict[str, Any]]:
+    """Rebuild the detector (eval mode, CPU) and return it with the file's metadata."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    meta = load_state_file(
+        path, MODEL_FORMAT, "model", "no model file (run `nestad evaluate` first)"
+    )
+    try:
+        detector = build_detector(
+            ModelConfig(**meta["model"]), meta["channels"], meta["image_size"], meta["score_weight"]
+        )
+        detector.load_state_dict(meta.pop("state_dict"))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"{path}: incompatible model file ({exc})") from None
+    meta["norm"] = NormStats(**meta["norm"])
+    return detector.eval(), meta

@@ -1,0 +1,398 @@
+"""Adversarial training of a generator/discriminator pair on normal images only.
+
+Per batch, as in the GANomaly / Skip-GANomaly reference code: update G, then D.
+  G loss = w_adv * BCE(D(G(x)), real) + w_con * smoothL1(G(x), x)
+         + w_lat * smoothL1(f(G(x)), f(x)) [+ w_enc * MSE(z, z_hat) for GANomaly]
+  D loss = (BCE(D(x), real) + BCE(D(G(x)), fake)) / 2
+Adam with lambda decay: the learning rate falls linearly to 0 from ``lr_decay_start``.
+
+D collapse: when D's loss falls below ``reinit_d_below`` it has won outright and gives G
+no signal, so D is re-initialised (the reference code's rule) and the event counted.
+
+Checkpoints: ``last.pt`` after every epoch (weights, optimisers, schedulers, RNG states,
+history), written atomically; ``best.pt`` holds the weights chosen on validation normals
+(lowest mean reconstruction error R), never on test data. Both load with
+``weights_only=True``. A resumed run on CPU reaches the same weights as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from components.config import ModelConfig, TrainConfig
+from components.data.splits import ImageSet
+from components.detector.model import init_weights
+from components.detector.networks import build_networks
+from components.detector.score import score_images
+from components.errors import ModelFileError, TrainingError
+from components.runtime import (
+    COMPILE_MIN_TRAIN_STEPS,
+    Runtime,
+    compile_pays_off,
+    intra_op_threads,
+    resolve_runtime,
+)
+
+CHECKPOINT_FORMAT = "nestad-checkpoint/1"
+
+
+@dataclass
+class EpochReport:
+    """What one epoch did; passed to ``on_epoch`` and kept in the checkpoint history."""
+
+    epoch: int  # 1-based
+    loss_d: float
+    loss_g: float
+    loss_adv: float
+    loss_con: float
+    loss_lat: float
+    loss_enc: float
+    lr: float
+    d_reinits: int
+    val_recon: float  # mean R on validation normals: the checkpoint criterion
+    val_score: float  # mean A on validation normals
+    seconds: float
+    images_per_s: float
+
+
+@dataclass
+class BatchStats:
+    epoch: int
+    batch: int
+    batches: int
+    loss_d: float
+    loss_g: float
+
+
+@dataclass
+class TrainResult:
+    """The kept (validation-chosen) networks and how training went."""
+
+    generator: nn.Module
+    discriminator: nn.Module
+    best_epoch: int
+    history: list[EpochReport]
+    runtime: Runtime
+    checkpoint_dir: Path
+    resumed_from: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def lr_factor(epoch: int, epochs: int, decay_start: int) -> float:
+    """Lambda decay: 1 until ``decay_start``, then linearly towards 0 at ``epochs``."""
+    if epoch < decay_start:
+        return 1.0
+    return 1.0 - (epoch - decay_start) / float(max(1, epochs - decay_start + 1))
+
+
+class GanTrainer:
+    """Holds the networks, optimisers and the training step; ``fit`` drives it.
+
+    ``compile`` runs G and D through ``torch.compile`` inside ``step`` (same math, fused
+    kernels); by default only when ``runtime.compile`` is True. ``generator`` and
+    ``discriminator`` stay the plain modules, so checkpoints are unchanged.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        cfg: TrainConfig,
+        runtime: Runtime,
+        compile: bool | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.runtime = runtime
+        fmt = runtime.memory_format
+        self.generator = generator.to(runtime.device, memory_format=fmt)
+        self.discriminator = discriminator.to(runtime.device, memory_format=fmt)
+        if compile is None:
+            compile = runtime.compile is True
+        # The compiled wrappers share the modules' parameters; dynamic=False: every
+        # training batch has the same shape (fit drops the ragged one).
+        self._g: nn.Module = (
+            torch.compile(self.generator, dynamic=False) if compile else self.generator
+        )
+        self._d: nn.Module = (
+            torch.compile(self.discriminator, dynamic=False) if compile else self.discriminator
+        )
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr, betas=betas)
+
+        def factor(epoch: int) -> float:
+            return lr_factor(epoch, cfg.epochs, cfg.lr_decay_start)
+
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, factor)
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, factor)
+        self.d_reinits = 0
+
+    def step(self, x: Tensor) -> dict[str, Tensor]:
+        """One G update then one D update on a float batch ``x`` (B, C, H, W) in [-1, 1]."""
+        with intra_op_threads(self.runtime.threads):
+            return self._step(x)
+
+    def _step(self, x: Tensor) -> dict[str, Tensor]:
+        cfg, g, d = self.cfg, self._g, self._d
+        # --- generator: D's parameters need no gradient here, only its input does.
+        # f(x) is computed again, with gradients, in the D update below; one shared pass
+        # would save ~1% of the step's FLOPs but change how often BN's running
+        # statistics are updated, so the two passes stay.
+        d.requires_grad_(False)
+        with self.runtime.autocast():
+            out = g(x)
+            fake = out.image  # (B, C, H, W)
+            logit_fake, feat_fake = d(fake)  # (B,), (B, F, 4, 4)
+            with torch.no_grad():
+                _, feat_real = d(x)
+        loss_adv = F.binary_cross_entropy_with_logits(
+            logit_fake.float(), torch.ones_like(logit_fake.float())
+        )
+        loss_con = F.smooth_l1_loss(fake.float(), x.float())
+        loss_lat = F.smooth_l1_loss(feat_fake.float(), feat_real.float())
+        loss_enc = (
+            F.mse_loss(out.latent_out.float(), out.latent_in.float())
+            if out.latent_in is not None
+            else torch.zeros((), device=x.device)
+        )
+        loss_g = (
+            cfg.w_adv * loss_adv
+            + cfg.w_con * loss_con
+            + cfg.w_lat * loss_lat
+            + cfg.w_enc * loss_enc
+        )
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+        d.requires_grad_(True)
+        # --- discriminator: real vs the (detached) reconstruction.
+        with self.runtime.autocast():
+            logit_real, _ = d(x)
+            logit_fake, _ = d(fake.detach())
+        loss_d = 0.5 * (
+            F.binary_cross_entropy_with_logits(
+                logit_real.float(), torch.ones_like(logit_real.float())
+            )
+            + F.binary_cross_entropy_with_logits(
+                logit_fake.float(), torch.zeros_like(logit_fake.float())
+            )
+        )
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+        if loss_d.item() < cfg.reinit_d_below:
+            init_weights(self.discriminator)
+            self.d_reinits += 1
+        return {
+            "loss_g": loss_g.detach(),
+            "loss_d": loss_d.detach(),
+            "loss_adv": loss_adv.detach(),
+            "loss_con": loss_con.detach(),
+            "loss_lat": loss_lat.detach(),
+            "loss_enc": loss_enc.detach(),
+        }
+
+    # --- checkpoints -------------------------------------------------------------------
+
+    def state(
+        self,
+        epoch: int,
+        shuffle_rng: torch.Generator,
+        history: list[EpochReport],
+        best: dict[str, Any],
+    ) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "sched_g": self.sched_g.state_dict(),
+            "sched_d": self.sched_d.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng_shuffle": shuffle_rng.get_state(),
+            "d_reinits": self.d_reinits,
+            "history": [asdict(h) for h in history],
+            "best": best,
+        }
+
+    def load_state(self, state: dict[str, Any], shuffle_rng: torch.Generator) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_d.load_state_dict(state["sched_d"])
+        torch.set_rng_state(state["rng_torch"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        shuffle_rng.set_state(state["rng_shuffle"])
+        self.d_reinits = state["d_reinits"]
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_state_file(path: Path, fmt: str, what: str, missing: str) -> dict[str, Any]:
+    """Load a nestad file with ``weights_only=True`` (tensors and plain containers only)
+    and check its ``format`` tag; a clear ModelFileError otherwise."""
+    if not path.is_file():
+        raise ModelFileError(f"{path}: {missing}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ModelFileError(f"{path}: not a readable nestad {what} ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise ModelFileError(f"{path}: not a nestad {what} ({fmt})")
+    return state
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a training checkpoint (``last.pt`` or ``best.pt``)."""
+    return load_state_file(path, CHECKPOINT_FORMAT, "checkpoint", "no such checkpoint")
+
+
+def fit(
+    train: ImageSet,
+    val: ImageSet,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    checkpoint_dir: Path,
+    score_weight: float = 0.9,
+    resume: bool = False,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+    on_batch: Callable[[BatchStats], None] | None = None,
+    stop_after: int | None = None,
+    inspect_epoch: Callable[[int, nn.Module, nn.Module], None] | None = None,
+) -> TrainResult:
+    """Train on ``train`` (normal images only), choose the kept epoch on ``val``.
+
+    ``inspect_epoch(epoch, G, D)`` lets a benchmark look at each epoch's networks (e.g. to
+    measure the reference code's best-epoch-on-test protocol); nothing it does feeds back
+    into training or the checkpoint choice, and the networks' modes are restored after it.
+
+    ``stop_after`` ends the run after that many epochs, as an interruption would (tests).
+    Raises TrainingError on a non-finite loss; the last good checkpoint is kept.
+    """
+    if train.is_anomaly.any() or val.is_anomaly.any():
+        raise TrainingError("train and val must hold normal images only")
+    if len(train) < 2:
+        raise TrainingError(f"need at least 2 training images, got {len(train)}")
+    runtime = resolve_runtime(
+        cfg.device, cfg.precision, cfg.channels_last, cfg.compile, cfg.threads
+    )
+    torch.manual_seed(cfg.seed)
+    _, channels, height, _ = train.images.shape
+    generator, discriminator = build_networks(model_cfg, channels, height)
+    steps = (len(train) // min(cfg.batch_size, len(train))) * cfg.epochs
+    compiled = compile_pays_off(cfg.compile, runtime.device.type, steps, COMPILE_MIN_TRAIN_STEPS)
+    trainer = GanTrainer(generator, discriminator, cfg, runtime, compile=compiled)
+    shuffle_rng = torch.Generator().manual_seed(cfg.seed)
+    history: list[EpochReport] = []
+    best: dict[str, Any] = {"epoch": 0, "val_recon": math.inf}
+    start_epoch = 0
+    last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
+    if resume and last_path.is_file():
+        state = load_checkpoint(last_path)
+        try:
+            trainer.load_state(state, shuffle_rng)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ModelFileError(f"{last_path}: does not match this model config ({exc})") from None
+        history = [EpochReport(**h) for h in state["history"]]
+        best = state["best"]
+        start_epoch = state["epoch"]
+    resumed_from = start_epoch
+
+    batch = min(cfg.batch_size, len(train))
+    batches = len(train) // batch  # drop the ragged last batch: BN needs > 1 sample
+    for epoch in range(start_epoch, cfg.epochs):
+        if stop_after is not None and epoch - resumed_from >= stop_after:
+            break
+        trainer.generator.train()
+        trainer.discriminator.train()
+        order = torch.randperm(len(train), generator=shuffle_rng)
+        sums: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for b in range(batches):
+            idx = order[b * batch : (b + 1) * batch]
+            x = runtime.prepare(train.images[idx])
+            losses = trainer.step(x)
+            values = {k: v.item() for k, v in losses.items()}
+            if not all(math.isfinite(v) for v in values.values()):
+                raise TrainingError(
+                    f"non-finite loss at epoch {epoch + 1}, batch {b + 1} ({values}); the "
+                    f"last good checkpoint is kept at {last_path}"
+                )
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if on_batch:
+                on_batch(BatchStats(epoch + 1, b + 1, batches, values["loss_d"], values["loss_g"]))
+        seconds = time.perf_counter() - t0
+        lr = trainer.opt_g.param_groups[0]["lr"]
+        trainer.sched_g.step()
+        trainer.sched_d.step()
+        val_scores = score_images(
+            trainer.generator, trainer.discriminator, val.images, score_weight, runtime
+        )
+        report = EpochReport(
+            epoch=epoch + 1,
+            lr=lr,
+            d_reinits=trainer.d_reinits,
+            seconds=seconds,
+            images_per_s=batches * batch / max(seconds, 1e-9),
+            val_recon=float(val_scores.recon.mean()),
+            val_score=float(val_scores.score.mean()),
+            **{k: sums[k] / batches for k in sums},
+        )
+        history.append(report)
+        if cfg.select_on == "last" or report.val_recon < best["val_recon"]:
+            best = {"epoch": report.epoch, "val_recon": report.val_recon}
+            save_atomic(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "epoch": report.epoch,
+                    "generator": trainer.generator.state_dict(),
+                    "discriminator": trainer.discriminator.state_dict(),
+                },
+                best_path,
+            )
+        save_atomic(trainer.state(epoch + 1, shuffle_rng, history, best), last_path)
+        if inspect_epoch:
+            inspect_epoch(report.epoch, trainer.generator, trainer.discriminator)
+            trainer.generator.train()
+            trainer.discriminator.train()
+        if on_epoch:
+            on_epoch(report)
+
+    if not best_path.is_file():
+        raise TrainingError(f"{checkpoint_dir}: no epoch finished, nothing to keep")
+    kept = load_checkpoint(best_path)
+    trainer.generator.load_state_dict(kept["generator"])
+    trainer.discriminator.load_state_dict(kept["discriminator"])
+    return TrainResult(
+        trainer.generator.eval(),
+        trainer.discriminator.eval(),
+        kept["epoch"],
+        history,
+        runtime,
+        checkpoint_dir,
+        resumed_from,
+    )

@@ -1,0 +1,138 @@
+"""Stage functions: each reads its inputs from disk, runs pure components, writes outputs.
+
+The CLI, the DVC stages and the Prefect flows all call these, so a step does the same
+thing whichever way it is run. Layout of a run folder ``out``:
+
+    out/checkpoints/last.pt, best.pt   training state; the validation-chosen weights
+    out/train_history.json             per-epoch losses and validation figures
+    out/model/detector.pt              weights + normalisation statistics + thresholds
+    out/metrics.json                   both protocols' figures
+    out/plots/*.png                    ROC/PR, score histogram, reconstructions
+    out/test_scores.csv                one row per test image
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.config import Params
+from components.data.images import to_model_input
+from components.data.splits import DatasetSplits, load_images, load_splits
+from components.detector.evaluate import (
+    EvaluationReport,
+    evaluate_scores,
+    normalise,
+    write_metrics,
+    write_plots,
+)
+from components.detector.package import MODEL_FILE, build_detector, load_detector, save_detector
+from components.detector.score import score_images
+from components.detector.train import BatchStats, EpochReport, TrainResult, fit, load_checkpoint
+from components.runtime import resolve_runtime
+
+
+def train_stage(params: Params, out: Path, splits: DatasetSplits | None = None,
+                resume: bool = False,
+                on_epoch: Callable[[EpochReport], None] | None = None,
+                on_batch: Callable[[BatchStats], None] | None = None) -> TrainResult:
+    """Train on the normal training images; keep the epoch chosen on validation normals."""
+    splits = splits or load_splits(params.data, include=("train", "val"))
+    result = fit(splits.train, splits.val, params.model, params.train, out / "checkpoints",
+                 score_weight=params.evaluate.score_weight, resume=resume,
+                 on_epoch=on_epoch, on_batch=on_batch)
+    history = {"best_epoch": result.best_epoch, "resumed_from": result.resumed_from,
+               "device": str(result.runtime.device),
+               "precision": "bf16" if result.runtime.amp_dtype else "fp32",
+               "counts": {"train": len(splits.train), "val": len(splits.val)},
+               "epochs": [asdict(h) for h in result.history]}
+    (out / "train_history.json").write_text(json.dumps(history, indent=2) + "\n")
+    return result
+
+
+def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = None
+                   ) -> EvaluationReport:
+    """Fit normalisation on validation normals, score the sealed test split once, save all."""
+    cfg = params.evaluate
+    splits = splits or load_splits(params.data, include=("val", "test"))
+    state = load_checkpoint(out / "checkpoints" / "best.pt")
+    channels, size = params.data.channels, params.data.image_size
+    detector = build_detector(params.model, channels, size, cfg.score_weight)
+    detector.generator.load_state_dict(state["generator"])
+    detector.discriminator.load_state_dict(state["discriminator"])
+    tc = params.train
+    runtime = resolve_runtime(tc.device, tc.precision, tc.channels_last, tc.compile, tc.threads)
+    detector.to(runtime.device)
+    g, d = detector.generator, detector.discriminator
+    val = score_images(g, d, splits.val.images, cfg.score_weight, runtime, cfg.batch_size)
+    test = score_images(g, d, splits.test.images, cfg.score_weight, runtime, cfg.batch_size)
+    report = evaluate_scores(val.score, test.score, splits.test.is_anomaly, cfg, state["epoch"])
+    report.extra["runtime"] = {"device": str(runtime.device),
+                               "precision": "bf16" if runtime.amp_dtype else "fp32"}
+    save_detector(out / "model" / MODEL_FILE, detector.cpu(), params.model, channels, size,
+                  report.norm, cfg.threshold,
+                  provenance={"checkpoint_epoch": state["epoch"],
+                              "data_source": params.data.source})
+    write_metrics(report, out / "metrics.json")
+    normed = normalise(test.score, report.norm.score_min, report.norm.score_max, clip=False)
+    threshold = report.norm.threshold(cfg.threshold)
+    with (out / "test_scores.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "is_anomaly", "score", "normalised_score",
+                         "flagged"])
+        for row in zip(splits.test.paths, splits.test.labels, splits.test.is_anomaly,
+                       test.score, np.clip(normed, 0.0, 1.0), strict=True):
+            writer.writerow([*row[:3], f"{row[3]:.6g}", f"{row[4]:.6f}", int(row[4] >= threshold)])
+    if cfg.plots:
+        inputs, recons = _grid(detector, splits.test, cfg.grid_images)
+        write_plots(out / "plots", splits.test.is_anomaly, normed, report.norm, inputs, recons,
+                    title=f"({params.model.name}, anomalous: {params.data.anomalous_class})")
+    return report
+
+
+@torch.no_grad()
+def _grid(detector, test, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Half normal, half anomalous test inputs and their reconstructions, (n, H, W, C) uint8."""
+    if n == 0:
+        return np.zeros((0,)), np.zeros((0,))
+    normal = np.flatnonzero(test.is_anomaly == 0)[: n // 2]
+    anomalous = np.flatnonzero(test.is_anomaly == 1)[: n - len(normal)]
+    idx = torch.from_numpy(np.concatenate([normal, anomalous]))
+    x = to_model_input(test.images[idx]).to(next(detector.parameters()).device)
+    recon = detector.generator.eval()(x).image.float().clamp(-1, 1)
+
+    def to_uint8(t: torch.Tensor) -> np.ndarray:
+        return ((t + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    return to_uint8(x), to_uint8(recon)
+
+
+def score_paths(model: Path, paths: list[Path], out_csv: Path | None,
+                batch_size: int = 256, threshold: str | None = None) -> list[dict]:
+    """Score image files with a saved model; rows of path, score, normalised, is_anomaly."""
+    detector, meta = load_detector(model)
+    norm = meta["norm"]
+    if threshold:
+        detector.threshold.fill_(norm.threshold(threshold))
+    images, names = load_images(paths, meta["image_size"], meta["channels"])
+    rows = []
+    for start in range(0, len(images), batch_size):
+        x = to_model_input(images[start : start + batch_size])
+        score, normed, flagged = detector(x)
+        for i in range(len(x)):
+            rows.append({"path": names[start + i], "score": float(score[i]),
+                         "normalised_score": float(normed[i]), "is_anomaly": bool(flagged[i])})
+    if out_csv:
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+        with out_csv.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["path", "score", "normalised_score",
+                                                    "is_anomaly"])
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows

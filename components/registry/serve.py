@@ -1,0 +1,128 @@
+"""Scoring requests for the served model: a table of images in, a table of scores out.
+
+No MLflow here: ``components.registry.pyfunc`` wraps these functions in the MLflow pyfunc model
+that ``mlflow models serve`` exposes. A request is a DataFrame with one row per image and
+two string columns, each row filling exactly one:
+
+- ``image_b64``: the image file's bytes (PNG, JPEG, ...), base64-encoded;
+- ``path``: an image file readable *on the scoring host* (for local batch use).
+
+REST (``POST /invocations``, ``Content-Type: application/json``)::
+
+    {"dataframe_split": {"columns": ["image_b64"], "data": [["iVBORw0KGgo..."]]},
+     "params": {"threshold": "fixed"}}
+
+``params`` is optional (``threshold``: ``fpr`` | ``fixed``; default: the model's). The answer
+is ``{"predictions": [{"score": 0.41, "normalised_score": 0.27, "is_anomaly": true}, ...]}``,
+one entry per row, in order: the raw score A, A normalised with the validation normals'
+min and max, and whether it reaches the threshold.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from components.data.images import decode_image, to_model_input
+from components.detector.score import AnomalyDetector
+from components.errors import DataError
+
+INPUT_COLUMNS = ("path", "image_b64")
+OUTPUT_COLUMNS = ("score", "normalised_score", "is_anomaly")
+THRESHOLDS = ("fpr", "fixed")
+
+
+def encode_image(data: bytes | Path) -> str:
+    """Base64 text of an image file's bytes (or of the file at a path), for ``image_b64``."""
+    raw = Path(data).read_bytes() if isinstance(data, Path) else data
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _cell(value: Any) -> str | None:
+    """A request cell as text; missing values (None, NaN, "") become None."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value)
+    return text or None
+
+
+def _row_bytes(row: int, path: str | None, b64: str | None) -> tuple[str, bytes]:
+    if (path is None) == (b64 is None):
+        raise DataError(f"request row {row}: give exactly one of 'path' or 'image_b64'")
+    if b64 is not None:
+        try:
+            return f"row {row}", base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise DataError(f"request row {row}: 'image_b64' is not valid base64") from None
+    file = Path(path)
+    try:
+        return str(file), file.read_bytes()
+    except OSError as exc:
+        raise DataError(f"request row {row}: cannot read {file} ({exc.strerror})") from None
+
+
+def request_images(frame: pd.DataFrame, image_size: int, channels: int) -> torch.Tensor:
+    """Decode a request's rows into uint8 images (N, C, H, W), as evaluation decodes them."""
+    unknown = [c for c in frame.columns if c not in INPUT_COLUMNS]
+    if unknown or not any(c in frame.columns for c in INPUT_COLUMNS):
+        raise DataError(
+            f"request columns {list(frame.columns)}: expected a 'path' and/or "
+            "an 'image_b64' column (one image per row)"
+        )
+    paths = frame["path"] if "path" in frame else [None] * len(frame)
+    blobs = frame["image_b64"] if "image_b64" in frame else [None] * len(frame)
+    out = np.empty((len(frame), image_size, image_size, channels), dtype=np.uint8)
+    for i, (path, b64) in enumerate(zip(paths, blobs, strict=True)):
+        name, data = _row_bytes(i, _cell(path), _cell(b64))
+        out[i], _ = decode_image(data, name, image_size, channels)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+
+
+def score_request(
+    detector: AnomalyDetector,
+    meta: dict[str, Any],
+    frame: pd.DataFrame,
+    threshold: str | None = None,
+    batch_size: int = 256,
+) -> pd.DataFrame:
+    """Score every row of a request; columns ``OUTPUT_COLUMNS``, one row per input row.
+
+    Scores match ``nestad score`` exactly: same decoding, same batches, same model.
+    """
+    if threshold is not None and threshold not in THRESHOLDS:
+        raise DataError(f"threshold {threshold!r}: expected one of {', '.join(THRESHOLDS)}")
+    images = request_images(frame, meta["image_size"], meta["channels"])
+    cut = meta["norm"].threshold(threshold or meta["threshold"])
+    scores, normed = [], []
+    for start in range(0, len(images), batch_size):
+        a, n, _ = detector(to_model_input(images[start : start + batch_size]))
+        scores.append(a)
+        normed.append(n)
+    if not scores:
+        return pd.DataFrame(
+            {
+                c: pd.Series(dtype=t)
+                for c, t in zip(OUTPUT_COLUMNS, ("float64", "float64", "bool"), strict=True)
+            }
+        )
+    score = torch.cat(scores).numpy()
+    norm = torch.cat(normed).numpy()
+    return pd.DataFrame({"score": score, "normalised_score": norm, "is_anomaly": norm >= cut})
+
+
+def example_request(image_size: int, channels: int) -> pd.DataFrame:
+    """A one-row request (a mid-grey PNG) to document and check the served signature."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L" if channels == 1 else "RGB", (image_size, image_size), 128).save(buf, "PNG")
+    return pd.DataFrame({"image_b64": [encode_image(buf.getvalue())]})
