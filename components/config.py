@@ -48,11 +48,13 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """Which network and how wide."""
 
-    name: Literal["nested", "ganomaly", "skip_ganomaly"] = "nested"
+    name: Literal["nested", "ganomaly", "skip_ganomaly", "nested_restore"] = "nested"
     base_width: int = Field(32, ge=4, le=512)
     depth: int = Field(4, ge=2, le=4)
     disc_width: int = Field(64, ge=4, le=512)
     latent_dim: int = Field(100, ge=8, le=4096)
+    seg_width: int = Field(8, ge=4, le=256)  # nested_restore's segmentation head
+    seg_depth: int = Field(3, ge=2, le=4)
 
 
 class TrainConfig(_Section):

@@ -13,14 +13,18 @@ from components.detector.model import (
     _check_image_size,
     init_weights,
 )
+from components.detector.restore import NestedRestoreGenerator
 
 
 def build_generator(
-    name: str, channels: int, image_size: int, base_width: int, depth: int, latent_dim: int
+    name: str, channels: int, image_size: int, base_width: int, depth: int, latent_dim: int,
+    seg_width: int = 8, seg_depth: int = 3,
 ) -> nn.Module:
-    """A DCGAN-initialised generator by name: ``nested``, ``ganomaly`` or ``skip_ganomaly``.
+    """A DCGAN-initialised generator by name: ``nested``, ``ganomaly``, ``skip_ganomaly`` or
+    ``nested_restore`` (the nested generator plus a segmentation head, ``restore``).
 
-    ``depth`` applies to ``nested`` only, ``latent_dim`` to ``ganomaly`` only. Raises
+    ``depth`` applies to the nested ones, ``latent_dim`` to ``ganomaly``, ``seg_*`` to
+    ``nested_restore`` only. Raises
     ValueError for an unknown name or an image size the network cannot reconstruct.
     """
     # Imported here: baselines builds on this module's blocks, so a top-level import
@@ -34,6 +38,9 @@ def build_generator(
     if name == "nested":
         _check_image_size(image_size, 2**depth)
         net = NestedGenerator(channels, base_width, depth)
+    elif name == "nested_restore":
+        _check_image_size(image_size, 2 ** max(depth, seg_depth))
+        net = NestedRestoreGenerator(channels, base_width, depth, seg_width, seg_depth)
     elif name == "ganomaly":
         net = GanomalyGenerator(channels, image_size, base_width, latent_dim)
     else:
@@ -61,6 +68,8 @@ def build_networks(
         model_cfg.base_width,
         model_cfg.depth,
         model_cfg.latent_dim,
+        model_cfg.seg_width,
+        model_cfg.seg_depth,
     )
     discriminator = build_discriminator(channels, image_size, model_cfg.disc_width)
     return generator, discriminator

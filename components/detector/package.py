@@ -13,7 +13,7 @@ from typing import Any
 from components.config import ModelConfig
 from components.detector.evaluate import NormStats
 from components.detector.networks import build_networks
-from components.detector.score import AnomalyDetector
+from components.detector.score import AnomalyDetector, MapSettings
 from components.detector.train import load_state_file, save_atomic
 from components.errors import ModelFileError
 
@@ -22,10 +22,11 @@ MODEL_FILE = "detector.pt"
 
 
 def build_detector(
-    model_cfg: ModelConfig, channels: int, image_size: int, score_weight: float
+    model_cfg: ModelConfig, channels: int, image_size: int, score_weight: float,
+    settings: MapSettings = MapSettings(),
 ) -> AnomalyDetector:
     generator, discriminator = build_networks(model_cfg, channels, image_size)
-    return AnomalyDetector(generator, discriminator, score_weight)
+    return AnomalyDetector(generator, discriminator, score_weight, settings)
 
 
 def save_detector(
@@ -47,6 +48,7 @@ def save_detector(
             "channels": channels,
             "image_size": image_size,
             "score_weight": detector.weight,
+            "map_settings": asdict(detector.settings),
             "threshold": threshold,
             "norm": asdict(norm),
             "state_dict": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
@@ -66,9 +68,13 @@ def load_detector(path: Path) -> tuple[AnomalyDetector, dict[str, Any]]:
     )
     try:
         detector = build_detector(
-            ModelConfig(**meta["model"]), meta["channels"], meta["image_size"], meta["score_weight"]
+            ModelConfig(**meta["model"]), meta["channels"], meta["image_size"],
+            meta["score_weight"], MapSettings(**meta.get("map_settings", {})),
         )
-        detector.load_state_dict(meta.pop("state_dict"))
+        # Files written before maps existed lack the map statistics: they keep (0, 1).
+        missing, unexpected = detector.load_state_dict(meta.pop("state_dict"), strict=False)
+        if unexpected or set(missing) - set(AnomalyDetector.MAP_BUFFERS):
+            raise RuntimeError(f"missing keys {missing}, unexpected keys {unexpected}")
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ModelFileError(f"{path}: incompatible model file ({exc})") from None
     meta["norm"] = NormStats(**meta["norm"])

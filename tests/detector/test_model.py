@@ -93,6 +93,10 @@ def test_every_parameter_gets_a_finite_nonzero_gradient(name: str) -> None:
     loss = adv + 20 * con + lat
     if out.latent_in is not None:
         loss = loss + F.mse_loss(out.latent_out, out.latent_in)
+    if out.map_logits is not None:  # nested_restore: the segmentation head's own loss
+        loss = loss + F.binary_cross_entropy_with_logits(
+            out.map_logits, (x[:, :1] > 0).float()
+        )
     loss.backward()
     for net_name, net in (("G", gen), ("D", disc)):
         for pname, p in net.named_parameters():
