@@ -57,10 +57,50 @@ class ModelConfig(_Section):
     seg_depth: int = Field(3, ge=2, le=4)
 
 
+class AugmentConfig(_Section):
+    """Label-preserving augmentation of normal training images; each off unless the part
+    allows it (a flipped or rotated part must still be a normal part). Seeded."""
+
+    hflip: bool = False
+    vflip: bool = False
+    rot90: bool = False  # random multiples of 90 degrees (square inputs only)
+    shift: float = Field(0.0, ge=0.0, le=0.5)  # max translation, fraction of the side
+    brightness: float = Field(0.0, ge=0.0, le=1.0)  # max additive change, in [-1, 1] units
+    contrast: float = Field(0.0, ge=0.0, le=1.0)  # max relative contrast change
+
+
+class SyntheticConfig(_Section):
+    """Synthetic anomalies made from normal images (``nested_restore`` only; ``synthetic``)."""
+
+    probability: float = Field(0.5, ge=0.0, le=1.0)  # share of training images corrupted
+    min_area: float = Field(0.005, gt=0.0, le=1.0)  # Perlin mask area, log-uniform
+    max_area: float = Field(0.15, gt=0.0, le=1.0)
+    scratch_fraction: float = Field(0.25, ge=0.0, le=1.0)  # masks that are thin polylines
+    opacity_min: float = Field(0.3, gt=0.0, le=1.0)
+    opacity_max: float = Field(1.0, gt=0.0, le=1.0)
+    textures: tuple[Literal["noise", "colour", "stripes", "patch", "shade"], ...] = (
+        "noise", "colour", "stripes", "patch", "shade")
+    val_seed: int = Field(20_240_601, ge=0)  # the validation anomalies' fixed seed
+
+    @model_validator(mode="after")
+    def _check(self) -> SyntheticConfig:
+        if self.min_area > self.max_area:
+            raise ValueError(f"min_area={self.min_area} > max_area={self.max_area}")
+        if self.opacity_min > self.opacity_max:
+            raise ValueError(f"opacity_min={self.opacity_min} > opacity_max={self.opacity_max}")
+        if not self.textures:
+            raise ValueError("textures must name at least one texture")
+        return self
+
+
 class TrainConfig(_Section):
     """Optimisation, precision and checkpoint choice."""
 
     epochs: int = Field(15, ge=1, le=10_000)
+    steps: int | None = Field(None, ge=1)  # a schedule in optimiser steps instead of epochs
+    eval_every: int = Field(250, ge=1)  # steps per evaluation interval when ``steps`` is set
+    lr_decay_from: float = Field(0.5, ge=0.0, le=1.0)  # steps schedule: linear decay from here
+    crop: int | None = Field(None, ge=16)  # train on random crops of this side (full at test)
     batch_size: int = Field(64, ge=2, le=8192)
     lr: float = Field(2e-4, gt=0.0, le=1.0)
     beta1: float = Field(0.5, ge=0.0, lt=1.0)
@@ -76,8 +116,18 @@ class TrainConfig(_Section):
     compile: bool | Literal["auto"] = "auto"
     threads: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
     seed: int = Field(0, ge=0)
-    select_on: Literal["val_recon", "last"] = "val_recon"
+    select_on: Literal["val_recon", "synthetic", "last"] = "val_recon"
     reinit_d_below: float = Field(1e-5, ge=0.0)
+    w_ssim: float = Field(1.0, ge=0.0)  # nested_restore: structural term of the restoration
+    w_seg: float = Field(1.0, ge=0.0)  # nested_restore: focal + Dice of the segmentation head
+    augment: AugmentConfig = AugmentConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _check_crop(self) -> TrainConfig:
+        if self.crop is not None and self.crop % 16:
+            raise ValueError(f"crop={self.crop} is not a multiple of 16")
+        return self
 
 
 class EvaluateConfig(_Section):
@@ -91,6 +141,9 @@ class EvaluateConfig(_Section):
     quantiles: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99)
     plots: bool = True
     grid_images: int = Field(16, ge=0, le=256)
+    map_sigma: float = Field(2.0, ge=0.0, le=64.0)  # Gaussian smoothing of anomaly maps, px
+    map_top_k: float = Field(0.01, gt=0.0, le=1.0)  # nested_restore score: top share of map
+    overlay_images: int = Field(16, ge=0, le=256)  # highest-scoring test images in the grid
 
 
 class IngestConfig(_Section):

@@ -24,23 +24,14 @@ input's device, so a seed gives the same anomalies on CPU and GPU, for 1 or 3 ch
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from components.config import SyntheticConfig
+
 MASK_KINDS = ("perlin", "scratch")
 TEXTURE_KINDS = ("noise", "colour", "stripes", "patch", "shade")
-
-
-@dataclass(frozen=True)
-class SyntheticAnomalyConfig:
-    probability: float = 0.5  # of an image being corrupted; the rest stay clean (negatives)
-    min_area: float = 0.005  # fraction of the image a Perlin mask covers, log-uniform
-    max_area: float = 0.15
-    scratch_fraction: float = 0.25  # masks that are scratches instead of Perlin blobs
-    opacity: tuple[float, float] = (0.3, 1.0)
-    textures: tuple[str, ...] = TEXTURE_KINDS
 
 
 def _uniform(g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
@@ -74,7 +65,7 @@ def perlin_noise(h: int, w: int, res: int, g: torch.Generator, device: torch.dev
     return torch.lerp(top, bottom, uy) * math.sqrt(2)  # (h, w)
 
 
-def perlin_mask(h: int, w: int, cfg: SyntheticAnomalyConfig, g: torch.Generator,
+def perlin_mask(h: int, w: int, cfg: SyntheticConfig, g: torch.Generator,
                 device: torch.device) -> Tensor:
     """A non-empty {0, 1} mask (h, w): Perlin noise above the quantile giving a random area."""
     res = 2 ** _randint(g, 0, 5)
@@ -153,7 +144,7 @@ def _texture(kind: str, x: Tensor, other: Tensor, g: torch.Generator) -> Tensor:
     raise ValueError(f"unknown texture {kind!r}; expected one of {TEXTURE_KINDS}")
 
 
-def synthesize_anomalies(x: Tensor, cfg: SyntheticAnomalyConfig, g: torch.Generator
+def synthesize_anomalies(x: Tensor, cfg: SyntheticConfig, g: torch.Generator
                          ) -> tuple[Tensor, Tensor]:
     """Corrupt a batch of normal images; returns ``(x_tilde, mask)``.
 
@@ -175,7 +166,7 @@ def synthesize_anomalies(x: Tensor, cfg: SyntheticAnomalyConfig, g: torch.Genera
         kind = cfg.textures[_randint(g, 0, len(cfg.textures) - 1)]
         other = x[(i + _randint(g, 1, max(1, b - 1))) % b] if b > 1 else x[i]
         tex = _texture(kind, x[i], other, g).to(x.dtype)
-        alpha = m * _uniform(g, *cfg.opacity)  # (h, w)
+        alpha = m * _uniform(g, cfg.opacity_min, cfg.opacity_max)  # (h, w)
         out[i] = x[i] * (1 - alpha) + tex * alpha
         masks[i, 0] = m
     return out.clamp(-1, 1), masks

@@ -6,6 +6,19 @@ Per batch, as in the GANomaly / Skip-GANomaly reference code: update G, then D.
   D loss = (BCE(D(x), real) + BCE(D(G(x)), fake)) / 2
 Adam with lambda decay: the learning rate falls linearly to 0 from ``lr_decay_start``.
 
+``nested_restore`` (``restore``): G sees x~ = x with a synthetic anomaly (``synthetic``)
+and must output x; the segmentation head predicts the anomaly's mask from [x~, G(x~)].
+  G loss += w_ssim * (1 - SSIM(G(x~), x)) + w_seg * (focal + Dice)(S, mask)
+D still judges G(x~) against real normals. The checkpoint is chosen on the synthetic
+validation set (``select_on: synthetic``, ``synthetic_validation``).
+
+Schedules: ``epochs`` passes over the data, or ``steps`` optimiser steps (small datasets
+need many more updates than 15 epochs give); then an "epoch" for the callbacks,
+checkpoints and the validation choice is an interval of ``eval_every`` steps, and the
+learning rate decays per step, linearly to 0 from ``lr_decay_from`` of the steps.
+``crop`` trains on random crops (the networks are fully convolutional; D is built for the
+crop); ``augment`` applies the configured label-preserving transforms.
+
 D collapse: when D's loss falls below ``reinit_d_below`` it has won outright and gives G
 no signal, so D is re-initialised (the reference code's rule) and the event counted.
 
@@ -32,9 +45,17 @@ from torch import Tensor, nn
 
 from components.config import ModelConfig, TrainConfig
 from components.data.splits import ImageSet
+from components.detector.augment import augment_batch, random_crop
+from components.detector.losses import dice_loss, focal_loss, ssim
 from components.detector.model import init_weights
 from components.detector.networks import build_networks
-from components.detector.score import score_images
+from components.detector.restore import NestedRestoreGenerator
+from components.detector.score import MapSettings, score_images
+from components.detector.synthetic import synthesize_anomalies
+from components.detector.synthetic_validation import (
+    make_synthetic_validation,
+    synthetic_validation_report,
+)
 from components.errors import ModelFileError, TrainingError
 from components.runtime import (
     COMPILE_MIN_TRAIN_STEPS,
@@ -64,6 +85,11 @@ class EpochReport:
     val_score: float  # mean A on validation normals
     seconds: float
     images_per_s: float
+    loss_ssim: float = 0.0  # nested_restore only
+    loss_seg: float = 0.0  # nested_restore only
+    val_synthetic_auroc: float | None = None  # image AUROC on the synthetic validation set
+    val_synthetic_pixel_auroc: float | None = None
+    steps: int = 0  # optimiser steps so far
 
 
 @dataclass
@@ -134,9 +160,18 @@ class GanTrainer:
         def factor(epoch: int) -> float:
             return lr_factor(epoch, cfg.epochs, cfg.lr_decay_start)
 
+        if cfg.steps is not None:  # decay per optimiser step, from lr_decay_from of them
+
+            def factor(step: int) -> float:
+                start = cfg.lr_decay_from * cfg.steps
+                return 1.0 if step < start else max(0.0, 1.0 - (step - start) / (cfg.steps - start + 1))
+
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, factor)
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, factor)
         self.d_reinits = 0
+        self.restores = isinstance(generator, NestedRestoreGenerator)
+        self.synthetic_rng = torch.Generator().manual_seed(cfg.seed + 1)
+        self.augment_rng = torch.Generator().manual_seed(cfg.seed + 2)
 
     def step(self, x: Tensor) -> dict[str, Tensor]:
         """One G update then one D update on a float batch ``x`` (B, C, H, W) in [-1, 1]."""
@@ -150,8 +185,13 @@ class GanTrainer:
         # would save ~1% of the step's FLOPs but change how often BN's running
         # statistics are updated, so the two passes stay.
         d.requires_grad_(False)
+        mask = None
+        x_in = x
+        if self.restores:  # restoration: G sees x~ and must give back x
+            x_in, mask = synthesize_anomalies(x, cfg.synthetic, self.synthetic_rng)
+            x_in = x_in.contiguous(memory_format=self.runtime.memory_format)
         with self.runtime.autocast():
-            out = g(x)
+            out = g(x_in)
             fake = out.image  # (B, C, H, W)
             logit_fake, feat_fake = d(fake)  # (B,), (B, F, 4, 4)
             with torch.no_grad():
@@ -172,6 +212,12 @@ class GanTrainer:
             + cfg.w_lat * loss_lat
             + cfg.w_enc * loss_enc
         )
+        extra: dict[str, Tensor] = {}
+        if mask is not None and out.map_logits is not None:
+            logits = out.map_logits.float()
+            extra["loss_ssim"] = 1.0 - ssim(fake.float(), x.float())
+            extra["loss_seg"] = focal_loss(logits, mask) + dice_loss(logits, mask)
+            loss_g = loss_g + cfg.w_ssim * extra["loss_ssim"] + cfg.w_seg * extra["loss_seg"]
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
@@ -201,6 +247,7 @@ class GanTrainer:
             "loss_con": loss_con.detach(),
             "loss_lat": loss_lat.detach(),
             "loss_enc": loss_enc.detach(),
+            **{k: v.detach() for k, v in extra.items()},
         }
 
     # --- checkpoints -------------------------------------------------------------------
@@ -224,6 +271,8 @@ class GanTrainer:
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "rng_shuffle": shuffle_rng.get_state(),
+            "rng_synthetic": self.synthetic_rng.get_state(),
+            "rng_augment": self.augment_rng.get_state(),
             "d_reinits": self.d_reinits,
             "history": [asdict(h) for h in history],
             "best": best,
@@ -240,6 +289,9 @@ class GanTrainer:
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         shuffle_rng.set_state(state["rng_shuffle"])
+        if "rng_synthetic" in state:  # checkpoints written before restoration training
+            self.synthetic_rng.set_state(state["rng_synthetic"])
+            self.augment_rng.set_state(state["rng_augment"])
         self.d_reinits = state["d_reinits"]
 
 
@@ -282,6 +334,7 @@ def fit(
     on_batch: Callable[[BatchStats], None] | None = None,
     stop_after: int | None = None,
     inspect_epoch: Callable[[int, nn.Module, nn.Module], None] | None = None,
+    map_settings: MapSettings = MapSettings(),
 ) -> TrainResult:
     """Train on ``train`` (normal images only), choose the kept epoch on ``val``.
 
@@ -301,13 +354,26 @@ def fit(
     )
     torch.manual_seed(cfg.seed)
     _, channels, height, _ = train.images.shape
-    generator, discriminator = build_networks(model_cfg, channels, height)
-    steps = (len(train) // min(cfg.batch_size, len(train))) * cfg.epochs
+    crop = cfg.crop if cfg.crop is not None and cfg.crop < height else None
+    generator, discriminator = build_networks(model_cfg, channels, crop or height)
+    batch = min(cfg.batch_size, len(train))
+    if cfg.steps is not None:  # intervals of eval_every steps stand for epochs
+        epochs = math.ceil(cfg.steps / cfg.eval_every)
+        steps = cfg.steps
+    else:
+        epochs = cfg.epochs
+        steps = (len(train) // batch) * cfg.epochs
+    synthetic_val = None
+    if cfg.select_on == "synthetic":
+        if not isinstance(generator, NestedRestoreGenerator):
+            raise TrainingError(f"train.select_on=synthetic needs model.name=nested_restore, "
+                                f"not {model_cfg.name!r} (its score is not a map)")
+        synthetic_val = make_synthetic_validation(val.images, cfg.synthetic)
     compiled = compile_pays_off(cfg.compile, runtime.device.type, steps, COMPILE_MIN_TRAIN_STEPS)
     trainer = GanTrainer(generator, discriminator, cfg, runtime, compile=compiled)
     shuffle_rng = torch.Generator().manual_seed(cfg.seed)
     history: list[EpochReport] = []
-    best: dict[str, Any] = {"epoch": 0, "val_recon": math.inf}
+    best: dict[str, Any] = {"epoch": 0, "val_recon": math.inf, "criterion": -math.inf}
     start_epoch = 0
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
     if resume and last_path.is_file():
@@ -321,20 +387,35 @@ def fit(
         start_epoch = state["epoch"]
     resumed_from = start_epoch
 
-    batch = min(cfg.batch_size, len(train))
-    batches = len(train) // batch  # drop the ragged last batch: BN needs > 1 sample
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, epochs):
         if stop_after is not None and epoch - resumed_from >= stop_after:
             break
         trainer.generator.train()
         trainer.discriminator.train()
-        order = torch.randperm(len(train), generator=shuffle_rng)
+        if cfg.steps is not None:
+            batches = min(cfg.eval_every, cfg.steps - epoch * cfg.eval_every)
+            # whole shuffled passes, as many as this interval needs
+            passes = math.ceil(batches * batch / len(train))
+            order = torch.cat([torch.randperm(len(train), generator=shuffle_rng)
+                               for _ in range(passes)])
+        else:
+            batches = len(train) // batch  # drop the ragged last batch: BN needs > 1 sample
+            order = torch.randperm(len(train), generator=shuffle_rng)
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
         for b in range(batches):
             idx = order[b * batch : (b + 1) * batch]
-            x = runtime.prepare(train.images[idx])
+            images = train.images[idx]
+            if crop is not None:
+                images = random_crop(images, crop, trainer.augment_rng)
+            x = runtime.prepare(images)
+            if cfg.augment != type(cfg.augment)():  # something switched on
+                x = augment_batch(x, cfg.augment, trainer.augment_rng).contiguous(
+                    memory_format=runtime.memory_format)
             losses = trainer.step(x)
+            if cfg.steps is not None:
+                trainer.sched_g.step()
+                trainer.sched_d.step()
             values = {k: v.item() for k, v in losses.items()}
             if not all(math.isfinite(v) for v in values.values()):
                 raise TrainingError(
@@ -347,11 +428,22 @@ def fit(
                 on_batch(BatchStats(epoch + 1, b + 1, batches, values["loss_d"], values["loss_g"]))
         seconds = time.perf_counter() - t0
         lr = trainer.opt_g.param_groups[0]["lr"]
-        trainer.sched_g.step()
-        trainer.sched_d.step()
+        if cfg.steps is None:
+            trainer.sched_g.step()
+            trainer.sched_d.step()
+        # the map settings only change the restoration detector's score
+        by_map = {"settings": map_settings} if trainer.restores else {}
         val_scores = score_images(
-            trainer.generator, trainer.discriminator, val.images, score_weight, runtime
+            trainer.generator, trainer.discriminator, val.images, score_weight, runtime, **by_map
         )
+        synthetic = {}
+        if synthetic_val is not None:
+            scored = score_images(trainer.generator, trainer.discriminator,
+                                  synthetic_val.images, score_weight, runtime,
+                                  settings=map_settings, with_maps=True)
+            found = synthetic_validation_report(scored.score, scored.maps, synthetic_val)
+            synthetic = {"val_synthetic_auroc": found.image_auroc,
+                         "val_synthetic_pixel_auroc": found.pixel_auroc}
         report = EpochReport(
             epoch=epoch + 1,
             lr=lr,
@@ -360,11 +452,20 @@ def fit(
             images_per_s=batches * batch / max(seconds, 1e-9),
             val_recon=float(val_scores.recon.mean()),
             val_score=float(val_scores.score.mean()),
+            steps=(history[-1].steps if history else 0) + batches,
+            **synthetic,
             **{k: sums[k] / batches for k in sums},
         )
         history.append(report)
-        if cfg.select_on == "last" or report.val_recon < best["val_recon"]:
-            best = {"epoch": report.epoch, "val_recon": report.val_recon}
+        criterion = (0.5 * (synthetic["val_synthetic_auroc"] + synthetic["val_synthetic_pixel_auroc"])
+                     if synthetic else -math.inf)
+        if (
+            cfg.select_on == "last"
+            or (cfg.select_on == "val_recon" and report.val_recon < best["val_recon"])
+            or (cfg.select_on == "synthetic" and criterion > best.get("criterion", -math.inf))
+        ):
+            best = {"epoch": report.epoch, "val_recon": report.val_recon,
+                    "criterion": criterion}
             save_atomic(
                 {
                     "format": CHECKPOINT_FORMAT,

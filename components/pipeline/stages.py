@@ -7,7 +7,8 @@ thing whichever way it is run. Layout of a run folder ``out``:
     out/train_history.json             per-epoch losses and validation figures
     out/model/detector.pt              weights + normalisation statistics + thresholds
     out/metrics.json                   both protocols' figures
-    out/plots/*.png                    ROC/PR, score histogram, reconstructions
+    out/plots/*.png                    ROC/PR, score histogram, reconstructions,
+                                       overlays.png (highest-scoring test images + maps)
     out/test_scores.csv                one row per test image
 """
 
@@ -32,8 +33,14 @@ from components.detector.evaluate import (
     write_metrics,
     write_plots,
 )
+from components.detector.map_metrics import aupro, fit_map_stats, normalise_maps, pixel_auroc
+from components.detector.overlay import overlay_grid
 from components.detector.package import MODEL_FILE, build_detector, load_detector, save_detector
-from components.detector.score import score_images
+from components.detector.score import MapSettings, score_images
+from components.detector.synthetic_validation import (
+    make_synthetic_validation,
+    synthetic_validation_report,
+)
 from components.detector.train import BatchStats, EpochReport, TrainResult, fit, load_checkpoint
 from components.runtime import resolve_runtime
 
@@ -46,7 +53,8 @@ def train_stage(params: Params, out: Path, splits: DatasetSplits | None = None,
     splits = splits or load_splits(params.data, include=("train", "val"))
     result = fit(splits.train, splits.val, params.model, params.train, out / "checkpoints",
                  score_weight=params.evaluate.score_weight, resume=resume,
-                 on_epoch=on_epoch, on_batch=on_batch)
+                 on_epoch=on_epoch, on_batch=on_batch,
+                 map_settings=map_settings(params))
     history = {"best_epoch": result.best_epoch, "resumed_from": result.resumed_from,
                "device": str(result.runtime.device),
                "precision": "bf16" if result.runtime.amp_dtype else "fp32",
@@ -56,6 +64,11 @@ def train_stage(params: Params, out: Path, splits: DatasetSplits | None = None,
     return result
 
 
+def map_settings(params: Params) -> MapSettings:
+    """The map smoothing and map score of the ``evaluate`` section."""
+    return MapSettings(sigma=params.evaluate.map_sigma, top_k=params.evaluate.map_top_k)
+
+
 def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = None
                    ) -> EvaluationReport:
     """Fit normalisation on validation normals, score the sealed test split once, save all."""
@@ -63,16 +76,38 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
     splits = splits or load_splits(params.data, include=("val", "test"))
     state = load_checkpoint(out / "checkpoints" / "best.pt")
     channels, size = params.data.channels, params.data.image_size
-    detector = build_detector(params.model, channels, size, cfg.score_weight)
+    settings = map_settings(params)
+    detector = build_detector(params.model, channels, size, cfg.score_weight, settings)
     detector.generator.load_state_dict(state["generator"])
     detector.discriminator.load_state_dict(state["discriminator"])
     tc = params.train
     runtime = resolve_runtime(tc.device, tc.precision, tc.channels_last, tc.compile, tc.threads)
     detector.to(runtime.device)
     g, d = detector.generator, detector.discriminator
-    val = score_images(g, d, splits.val.images, cfg.score_weight, runtime, cfg.batch_size)
-    test = score_images(g, d, splits.test.images, cfg.score_weight, runtime, cfg.batch_size)
+    val = score_images(g, d, splits.val.images, cfg.score_weight, runtime, cfg.batch_size,
+                       settings, with_maps=True)
+    map_stats = fit_map_stats(val.maps)  # display scale of maps: validation normals only
+    detector.set_map_statistics(map_stats.low, map_stats.high)
+    synthetic = make_synthetic_validation(splits.val.images, params.train.synthetic)
+    scored = score_images(g, d, synthetic.images, cfg.score_weight, runtime, cfg.batch_size,
+                          settings, with_maps=True)
+    found = synthetic_validation_report(scored.score, scored.maps, synthetic)
+    # The test split is scored once, after everything above is fixed.
+    test = score_images(g, d, splits.test.images, cfg.score_weight, runtime, cfg.batch_size,
+                        settings, with_maps=True)
     report = evaluate_scores(val.score, test.score, splits.test.is_anomaly, cfg, state["epoch"])
+    report.extra["synthetic_validation"] = {
+        "protocol": "validation normals + synthetic anomalies made from them "
+                    f"(seed {params.train.synthetic.val_seed}); no test data",
+        "image_auroc": found.image_auroc, "pixel_auroc": found.pixel_auroc}
+    report.extra["map_normalisation"] = {"low": map_stats.low, "high": map_stats.high}
+    masks = getattr(splits.test, "masks", None)
+    if masks is not None and np.asarray(masks).any():
+        truth = np.asarray(masks)
+        report.extra["pixel"] = {
+            "protocol": "leak-free: maps of the sealed test split against its ground-truth "
+                        "masks at the model input size",
+            "auroc": pixel_auroc(test.maps, truth), "aupro": aupro(test.maps, truth, 0.3)}
     report.extra["runtime"] = {"device": str(runtime.device),
                                "precision": "bf16" if runtime.amp_dtype else "fp32"}
     save_detector(out / "model" / MODEL_FILE, detector.cpu(), params.model, channels, size,
@@ -93,7 +128,22 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
         inputs, recons = _grid(detector, splits.test, cfg.grid_images)
         write_plots(out / "plots", splits.test.is_anomaly, normed, report.norm, inputs, recons,
                     title=f"({params.model.name}, anomalous: {params.data.anomalous_class})")
+    if cfg.overlay_images and len(splits.test):
+        write_overlays(out / "plots" / "overlays.png", splits.test, test.score,
+                       normalise_maps(test.maps, map_stats), cfg.overlay_images)
     return report
+
+
+def write_overlays(path: Path, test, scores: np.ndarray, maps01: np.ndarray, n: int) -> None:
+    """The ``n`` highest-scoring test images with their maps (and masks when known)."""
+    top = np.argsort(-scores, kind="stable")[:n]
+    images = test.images[torch.from_numpy(top)].permute(0, 2, 3, 1).numpy()
+    masks = getattr(test, "masks", None)
+    grid = overlay_grid(list(images), list(maps01[top]), [float(s) for s in scores[top]],
+                        labels=[test.labels[i] for i in top],
+                        masks=None if masks is None else list(np.asarray(masks)[top]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
 
 
 @torch.no_grad()

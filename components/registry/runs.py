@@ -115,10 +115,12 @@ def _flatten_numbers(tree: dict[str, Any], prefix: str = "") -> dict[str, float]
 
 def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """MLflow metrics from ``metrics.json``: ``leak_free.*``, ``paper_compatible.*``,
-    ``normalisation.*``, ``counts.*`` and ``checkpoint_epoch``."""
+    ``pixel.*``, ``synthetic_validation.*``, ``normalisation.*``, ``counts.*`` and
+    ``checkpoint_epoch``."""
     keep = {
         k: metrics[k]
-        for k in ("leak_free", "paper_compatible", "normalisation", "counts")
+        for k in ("leak_free", "paper_compatible", "pixel", "synthetic_validation",
+                  "normalisation", "counts")
         if isinstance(metrics.get(k), dict)
     }
     flat = _flatten_numbers(keep)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from components.config import SyntheticConfig
 from components.detector.synthetic import (
     TEXTURE_KINDS,
-    SyntheticAnomalyConfig,
     perlin_mask,
     scratch_mask,
     synthesize_anomalies,
@@ -21,7 +21,7 @@ def _batch(channels: int, n: int = 6, size: int = 32) -> torch.Tensor:
 @pytest.mark.parametrize("texture", TEXTURE_KINDS)
 def test_every_corrupted_image_has_a_non_empty_mask_and_stays_in_range(channels, texture):
     x = _batch(channels)
-    cfg = SyntheticAnomalyConfig(probability=1.0, textures=(texture,))
+    cfg = SyntheticConfig(probability=1.0, textures=(texture,))
     xt, m = synthesize_anomalies(x, cfg, torch.Generator().manual_seed(0))
     assert xt.shape == x.shape and xt.dtype == x.dtype
     assert m.shape == (len(x), 1, 32, 32)
@@ -34,7 +34,7 @@ def test_every_corrupted_image_has_a_non_empty_mask_and_stays_in_range(channels,
 
 def test_same_seed_same_anomalies_other_seed_others():
     x = _batch(3)
-    cfg = SyntheticAnomalyConfig(probability=1.0)
+    cfg = SyntheticConfig(probability=1.0)
     a = synthesize_anomalies(x, cfg, torch.Generator().manual_seed(5))
     b = synthesize_anomalies(x, cfg, torch.Generator().manual_seed(5))
     c = synthesize_anomalies(x, cfg, torch.Generator().manual_seed(6))
@@ -44,16 +44,16 @@ def test_same_seed_same_anomalies_other_seed_others():
 
 def test_probability_zero_leaves_images_clean_and_one_corrupts_all():
     x = _batch(1, n=8)
-    xt, m = synthesize_anomalies(x, SyntheticAnomalyConfig(probability=0.0),
+    xt, m = synthesize_anomalies(x, SyntheticConfig(probability=0.0),
                                  torch.Generator().manual_seed(0))
     assert torch.equal(xt, x) and m.sum() == 0
-    _, m = synthesize_anomalies(x, SyntheticAnomalyConfig(probability=1.0),
+    _, m = synthesize_anomalies(x, SyntheticConfig(probability=1.0),
                                 torch.Generator().manual_seed(0))
     assert (m.flatten(1).amax(1) == 1).all()
 
 
 def test_mask_area_follows_the_configured_range():
-    cfg = SyntheticAnomalyConfig(min_area=0.01, max_area=0.05)
+    cfg = SyntheticConfig(min_area=0.01, max_area=0.05)
     g = torch.Generator().manual_seed(0)
     areas = [perlin_mask(64, 64, cfg, g, torch.device("cpu")).mean().item() for _ in range(20)]
     assert all(0.009 <= a <= 0.06 for a in areas)  # ties at the threshold add a little

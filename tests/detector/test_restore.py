@@ -1,0 +1,150 @@
+"""The restoration detector learns to find planted defects from synthetic anomalies only,
+and its choices (checkpoint, statistics, thresholds) never look at the test split."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from components.config import ModelConfig, TrainConfig
+from components.data.splits import DatasetSplits, ImageSet
+from components.detector.map_metrics import pixel_auroc
+from components.detector.score import MapSettings, score_images
+from components.detector.train import fit
+from components.errors import TrainingError
+
+SIZE = 32
+SETTINGS = MapSettings(sigma=1.0, top_k=0.02)
+MODEL = ModelConfig(name="nested_restore", base_width=8, depth=2, disc_width=8, seg_width=8,
+                    seg_depth=2)
+
+
+def _texture(n: int, seed: int) -> np.ndarray:
+    """Grey sine gratings of random phase and slightly varied frequency, with noise."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    out = [128 + 50 * np.sin(g.uniform(0.5, 0.7) * xx + g.uniform(0, 2 * np.pi))
+           + g.normal(0, 6, (SIZE, SIZE)) for _ in range(n)]
+    return np.clip(np.stack(out), 0, 255)
+
+
+def _planted(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Textures with one dark disc each (a 'blowhole'), and the discs' masks."""
+    g = np.random.default_rng(seed)
+    x = _texture(n, seed)
+    masks = np.zeros(x.shape, np.uint8)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    for i in range(n):
+        r = int(g.integers(3, 6))
+        cy, cx = g.integers(r, SIZE - r, 2)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        x[i][disc] = g.uniform(10, 40)
+        masks[i] = disc
+    return x, masks
+
+
+def _set(arr: np.ndarray, anomalous: int = 0, masks: np.ndarray | None = None) -> ImageSet:
+    images = torch.from_numpy(arr.astype(np.uint8))[:, None]
+    flags = np.r_[np.zeros(len(arr) - anomalous, int), np.ones(anomalous, int)]
+    labels = ["good"] * (len(arr) - anomalous) + ["hole"] * anomalous
+    out = ImageSet(images, flags, [f"img{i}.png" for i in range(len(arr))], labels)
+    if masks is not None:
+        out.masks = torch.from_numpy(masks)
+    return out
+
+
+def _train_cfg(**overrides) -> TrainConfig:
+    values = dict(steps=150, eval_every=50, batch_size=8, lr=2e-3, select_on="synthetic",
+                  threads=1, compile=False, channels_last=False, precision="fp32")
+    return TrainConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("restore")
+    result = fit(_set(_texture(32, 0)), _set(_texture(8, 1)), MODEL, _train_cfg(),
+                 out / "checkpoints", map_settings=SETTINGS)
+    return result, out
+
+
+def test_restoration_training_finds_planted_defects_image_and_pixel(trained) -> None:
+    result, _ = trained
+    normal = _texture(16, 5)
+    bad, masks = _planted(16, 6)
+    test = torch.from_numpy(np.concatenate([normal, bad]).astype(np.uint8))[:, None]
+    scores = score_images(result.generator, result.discriminator, test, 0.9, result.runtime,
+                          settings=SETTINGS, with_maps=True)
+    assert scores.maps.shape == (32, SIZE, SIZE)  # a map per image, at the input size
+    y = np.r_[np.zeros(16), np.ones(16)]
+    assert roc_auc_score(y, scores.score) >= 0.9
+    truth = np.concatenate([np.zeros_like(masks), masks])
+    assert pixel_auroc(scores.maps, truth) >= 0.9
+
+
+def test_steps_schedule_runs_intervals_and_keeps_the_synthetic_best(trained) -> None:
+    result, _ = trained
+    assert [h.steps for h in result.history] == [50, 100, 150]
+    criteria = [0.5 * (h.val_synthetic_auroc + h.val_synthetic_pixel_auroc)
+                for h in result.history]
+    assert result.best_epoch == int(np.argmax(criteria)) + 1
+    assert result.history[-1].lr < result.history[0].lr  # the decay follows the steps
+    assert all(h.loss_seg > 0 for h in result.history)
+
+
+def test_score_and_map_do_not_depend_on_batch_composition_or_order(trained) -> None:
+    result, _ = trained
+    bad, _ = _planted(8, 9)
+    images = torch.from_numpy(np.concatenate([_texture(8, 8), bad]).astype(np.uint8))[:, None]
+    whole = score_images(result.generator, result.discriminator, images, 0.9, result.runtime,
+                         settings=SETTINGS, with_maps=True)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    shuffled = score_images(result.generator, result.discriminator, images[order], 0.9,
+                            result.runtime, batch_size=3, settings=SETTINGS, with_maps=True)
+    np.testing.assert_allclose(shuffled.score, whole.score[order.numpy()], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(shuffled.maps, whole.maps[order.numpy()], rtol=1e-4, atol=1e-5)
+
+
+def test_synthetic_selection_needs_a_map_model(tmp_path) -> None:
+    with pytest.raises(TrainingError, match="nested_restore"):
+        fit(_set(_texture(8, 0)), _set(_texture(4, 1)), ModelConfig(name="nested", base_width=4,
+            depth=2, disc_width=8), _train_cfg(steps=2), tmp_path)
+
+
+def test_the_test_split_chooses_nothing(trained, tmp_path) -> None:
+    """Evaluating on two different test splits: same checkpoint, statistics, thresholds,
+    map scale and synthetic-validation figures; only the test figures differ."""
+    from components.config import Params
+    from components.pipeline.stages import evaluate_stage
+
+    _, out = trained
+    params = Params(model=MODEL, train=_train_cfg(),
+                    data={"layout": "industrial", "anomalous_class": None, "channels": 1,
+                          "image_size": SIZE},
+                    evaluate={"map_sigma": SETTINGS.sigma, "map_top_k": SETTINGS.top_k,
+                              "plots": False, "overlay_images": 4})
+    val = _set(_texture(8, 1))
+    reports = []
+    for seed in (20, 30):
+        run = tmp_path / f"run{seed}"
+        shutil.copytree(out / "checkpoints", run / "checkpoints")
+        bad, masks = _planted(6, seed)
+        test = _set(np.concatenate([_texture(6, seed + 1), bad]), anomalous=6,
+                    masks=np.concatenate([np.zeros_like(masks), masks]))
+        splits = DatasetSplits(_set(_texture(4, 0)), val, test, pd.DataFrame())
+        evaluate_stage(params, run, splits)
+        reports.append(json.loads((run / "metrics.json").read_text()))
+        assert (run / "plots" / "overlays.png").is_file()
+    a, b = reports
+    for key in ("normalisation", "map_normalisation", "synthetic_validation",
+                "checkpoint_epoch"):
+        assert a[key] == b[key], key
+    assert a["leak_free"]["at_target_fpr"]["threshold"] == b["leak_free"]["at_target_fpr"][
+        "threshold"]
+    assert "auroc" in a["pixel"] and "aupro" in a["pixel"]
+    assert a["leak_free"]["auroc"] != b["leak_free"]["auroc"] or a["pixel"] != b["pixel"]
