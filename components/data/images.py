@@ -1,5 +1,5 @@
 """One image's bytes: probe (format, size, channels), decode and resize into uint8 arrays,
-scale to the model's [-1, 1] input."""
+scale to the model's [-1, 1] input; decode a pixel mask with the same geometry."""
 
 from __future__ import annotations
 
@@ -85,6 +85,36 @@ def decode_image(data: bytes, name: str, image_size: int, channels: int,
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{name}: unreadable or truncated image ({exc})") from None
     return (array[..., None] if channels == 1 else array), original
+
+
+def decode_mask(data: bytes, name: str, image_size: int, image_name: str,
+                image_wh: tuple[int, int]) -> np.ndarray:
+    """Decode one pixel mask to ``(image_size, image_size)`` uint8 in {0, 1}.
+
+    The mask (any mode, read as 8-bit grey) must have its image's original ``image_wh``
+    (width, height); it is binarised at 128 (>= 128 is defect), then resized exactly as
+    ``decode_image`` resizes the image -- to a square, aspect not kept, bilinear (Pillow's,
+    on the {0, 1} mask as floats) -- and thresholded at 0.5, so a mask pixel is 1 where at
+    least half of what the model-input pixel covers is defect.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.size != tuple(image_wh):
+                raise DataError(
+                    f"{name}: mask is {img.size[0]}x{img.size[1]} but its image {image_name} is "
+                    f"{image_wh[0]}x{image_wh[1]}; a mask must have its image's size"
+                )
+            mask = (np.asarray(img.convert("L"), dtype=np.uint8) >= 128).astype(np.float32)
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: not an image file (cannot identify its format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{name}: unreadable or truncated mask ({exc})") from None
+    if mask.shape != (image_size, image_size):
+        resized = Image.fromarray(mask, "F").resize((image_size, image_size),
+                                                     Image.Resampling.BILINEAR)
+        mask = np.asarray(resized)
+    return (mask >= 0.5).astype(np.uint8)
 
 
 def decode_images(items: list[tuple[str, bytes]], image_size: int, channels: int,

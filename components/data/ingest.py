@@ -39,6 +39,7 @@ import pandas as pd
 from components.config import DataConfig, IngestConfig
 from components.data.images import ImageProbe, Progress, sha256_hex
 from components.data.layout import (
+    GROUND_TRUTH,
     LayoutRecord,
     assign_split,
     parse_layout,
@@ -120,6 +121,10 @@ def _layout(
     paths = [*stripped, *sorted(placeholders)]
     records = parse_layout(paths, data_cfg.layout, data_cfg.anomalous_class, uri)
     records = [rec for rec in records if rec.path not in placeholders]
+    if data_cfg.layout == "industrial" and any(p.startswith(f"{GROUND_TRUTH}/") for p in stripped):
+        log.warning("%s: the pixel masks under %s/ are not ingested (the dataset will have "
+                    "none); load the folder or archive directly for pixel metrics",
+                    uri, GROUND_TRUTH)
     if not records:
         raise DataError(f"{uri}: no images under train/ or test/")
     return [(by_path[rec.path], rec) for rec in records]

@@ -1,6 +1,7 @@
 """Source layouts: which files a folder or archive holds, and which image is train, val
 or test (``classes``: one class anomalous, the paper's leave-one-class-out protocol;
-``industrial``: ``train/good``, ``test/good``, ``test/<defect>``).
+``industrial``: ``train/good``, ``test/good``, ``test/<defect>``, and optionally the pixel
+masks of the defect images, ``ground_truth/<defect>/<stem>_mask.<ext>`` (MVTec AD)).
 
 The validation split is carved out of the normal training images by a seeded hash of each
 image's sha256, so the same image always lands in the same split, whatever else is in
@@ -21,6 +22,8 @@ from components.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+GROUND_TRUTH = "ground_truth"  # industrial layout: the pixel masks, beside train/ and test/
+MASK_SUFFIX = "_mask"  # ground_truth/<defect>/<stem>_mask.<ext> for test/<defect>/<stem>.<ext>
 
 
 def is_archive(path: Path) -> bool:
@@ -69,6 +72,8 @@ def strip_to_layout_root(files: dict[str, bytes], source: Path) -> dict[str, byt
     prefixes = set()
     for rel in files:
         parts = PurePosixPath(rel).parts
+        if GROUND_TRUTH in parts[: _first_split_folder(parts)]:
+            continue  # masks: ground_truth/<defect>/ may be named like a split folder
         if "train" in parts:
             prefixes.add(parts[: parts.index("train")])
         elif "test" in parts:
@@ -80,6 +85,11 @@ def strip_to_layout_root(files: dict[str, bytes], source: Path) -> dict[str, byt
         raise DataError(f"{source}: train/ and test/ found under several folders: {listed}")
     depth = len(prefixes.pop())
     return {"/".join(PurePosixPath(rel).parts[depth:]): data for rel, data in files.items()}
+
+
+def _first_split_folder(parts: tuple[str, ...]) -> int:
+    """Index of the first ``train`` or ``test`` part (``len(parts)`` if there is none)."""
+    return min((parts.index(p) for p in ("train", "test") if p in parts), default=len(parts))
 
 
 def assign_split(sha256: str, seed: int, val_fraction: float) -> str:
@@ -156,3 +166,75 @@ def check_no_empty_class_folders(source: Path) -> None:
                 if not any(f.is_file() and not f.name.startswith(".")
                            for f in label_dir.rglob("*")):
                     raise DataError(f"{label_dir}: empty class folder")
+
+
+def _mask_key(parts: tuple[str, ...]) -> tuple[str, ...]:
+    """``(<defect>, <sub folders>..., <stem>)`` of ``test/...`` or ``ground_truth/...`` parts
+    (the ``_mask`` suffix already removed from a mask's stem)."""
+    return (*parts[1:-1], PurePosixPath(parts[-1]).stem)
+
+
+def match_masks(
+    rel_paths: list[str], records: list[LayoutRecord], source: str
+) -> dict[str, str] | None:
+    """The mask file of each defect test image of the industrial layout (MVTec AD), or None
+    when the source holds no ``ground_truth/`` file at all.
+
+    ``test/<defect>/<sub>/<stem>.<ext>`` has its mask at
+    ``ground_truth/<defect>/<sub>/<stem>_mask.<ext2>`` (any image suffix). Masks are never
+    images: ``parse_layout`` leaves ``ground_truth/`` out. When ground truth is given, it must
+    be complete and exact: a defect image without a mask, a mask without a defect image,
+    a mask named otherwise and two masks for one image are each a ``DataError`` naming the
+    files. Files without an image suffix (a README) are ignored. Paths only: sizes are
+    checked when the masks are decoded.
+    """
+    masks: dict[tuple[str, ...], str] = {}
+    seen_any = False
+    for rel in rel_paths:
+        parts = PurePosixPath(rel).parts
+        if not parts or parts[0] != GROUND_TRUTH:
+            continue
+        seen_any = True
+        if PurePosixPath(rel).suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if len(parts) < 3:
+            raise DataError(f"{source}/{rel}: masks must sit in {GROUND_TRUTH}/<defect>/ folders")
+        stem = PurePosixPath(parts[-1]).stem
+        if not stem.endswith(MASK_SUFFIX) or stem == MASK_SUFFIX:
+            raise DataError(
+                f"{source}/{rel}: not a mask name (expected "
+                f"{GROUND_TRUTH}/<defect>/<image stem>{MASK_SUFFIX}.<ext>)"
+            )
+        key = (*parts[1:-1], stem.removesuffix(MASK_SUFFIX))
+        if key in masks:
+            raise DataError(
+                f"{source}/{rel} and {source}/{masks[key]}: two masks for the same image"
+            )
+        masks[key] = rel
+    if not seen_any:
+        return None
+    mask_of: dict[str, str] = {}
+    missing: list[str] = []
+    for rec in records:
+        if rec.partition == "test" and not rec.is_normal:
+            key = _mask_key(PurePosixPath(rec.path).parts)
+            if key in masks:
+                mask_of[rec.path] = masks[key]
+            else:
+                missing.append(rec.path)
+    if missing:
+        parts = PurePosixPath(missing[0]).parts
+        expected = "/".join((GROUND_TRUTH, *_mask_key(parts))) + f"{MASK_SUFFIX}.png"
+        more = f"; {len(missing) - 1} more defect images lack masks" if len(missing) > 1 else ""
+        raise DataError(
+            f"{source}/{missing[0]}: defect image has no mask (expected {source}/{expected}, "
+            f"any image suffix, since {GROUND_TRUTH}/ exists){more}"
+        )
+    used = set(mask_of.values())
+    for key, rel in masks.items():
+        if rel not in used:
+            image = "/".join(("test", *key)) + ".<ext>"
+            why = (f"{NORMAL_LABEL} images are normal and take no mask" if key[0] == NORMAL_LABEL
+                   else f"no defect image {source}/{image}")
+            raise DataError(f"{source}/{rel}: mask without an image ({why})")
+    return mask_of

@@ -1,5 +1,9 @@
 """Loading a dataset for training: read a source once, split it without leaks, decode it
-once into ``ImageSet``s (a folder, an archive, or a dataset with ``manifest.csv``)."""
+once into ``ImageSet``s (a folder, an archive, or a dataset with ``manifest.csv``).
+
+Pixel masks (industrial layout, ``ground_truth/<defect>/<stem>_mask.<ext>``) come with the
+test split of a folder or archive source: ``ImageSet.masks``. Ingested datasets do not
+store masks (yet): their masks are None."""
 
 from __future__ import annotations
 
@@ -11,13 +15,14 @@ import numpy as np
 import pandas as pd
 
 from components.config import DataConfig
-from components.data.images import Progress, decode_images, sha256_hex
+from components.data.images import Progress, decode_images, decode_mask, sha256_hex
 from components.data.layout import (
     IMAGE_SUFFIXES,
     assign_split,
     check_no_empty_class_folders,
     is_hidden,
     iter_source_files,
+    match_masks,
     parse_layout,
     strip_to_layout_root,
 )
@@ -36,6 +41,10 @@ class ImageSet:
     is_anomaly: np.ndarray  # (N,) int, 1 = anomalous
     paths: list[str]
     labels: list[str]
+    # (N, H, W) uint8 in {0, 1} (1 = defect pixel) at the model input size, row i the mask of
+    # image i (zeros for normal images); None when the source has no ground truth (no
+    # ground_truth/ folder, the classes layout, an ingested dataset) and for train and val.
+    masks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -90,6 +99,16 @@ def scan_source(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, bytes]]:
     return _build_manifest(files, cfg, str(source)), files
 
 
+def source_masks(cfg: DataConfig, files: dict[str, bytes], source: Path) -> dict[str, str] | None:
+    """The mask of each defect test image (both as keys of ``files``), or None when the
+    source has none: not the industrial layout, an ingested dataset, or no ground_truth/."""
+    if cfg.layout != "industrial" or not files:
+        return None
+    paths = sorted(files)
+    records = parse_layout(paths, cfg.layout, cfg.anomalous_class, str(source))
+    return match_masks(paths, records, str(source))
+
+
 def load_splits(cfg: DataConfig, progress: Progress | None = None,
                 include: tuple[str, ...] = SPLITS) -> DatasetSplits:
     """Read, split, subset and decode a source into train/val/test image sets.
@@ -100,6 +119,7 @@ def load_splits(cfg: DataConfig, progress: Progress | None = None,
 
     frame, files = scan_source(cfg)
     source = Path(cfg.source).expanduser()
+    mask_of = source_masks(cfg, files, source)
     train_pool = frame[frame["split"] != "test"]
     train_pool = stratified_subset(train_pool, cfg.max_train_images, cfg.seed)
     test = stratified_subset(frame[frame["split"] == "test"], cfg.max_test_images, cfg.seed)
@@ -117,16 +137,29 @@ def load_splits(cfg: DataConfig, progress: Progress | None = None,
                 except OSError as exc:
                     raise DataError(f"{file}: cannot read ({exc.strerror})") from None
             items.append((f"{source}/{rel}", data))
+        with_masks = mask_of is not None and name == "test"
         if rows.empty:
             shape = (0, cfg.channels, cfg.image_size, cfg.image_size)
-            return ImageSet(torch.zeros(shape, dtype=torch.uint8), np.zeros(0, int), [], [])
+            masks = torch.zeros(shape[:1] + shape[2:], dtype=torch.uint8) if with_masks else None
+            return ImageSet(torch.zeros(shape, dtype=torch.uint8), np.zeros(0, int), [], [],
+                            masks)
         images, sizes = decode_images(items, cfg.image_size, cfg.channels,
                                       cfg.min_image_size, cfg.decode_workers, progress)
         if (rows["width"] == 0).any():  # raw sources: sizes known only after decoding
             used.loc[rows.index, "width"] = sizes[:, 0]
             used.loc[rows.index, "height"] = sizes[:, 1]
+        masks = None
+        if with_masks:
+            assert mask_of is not None
+            masks = torch.zeros((len(items), cfg.image_size, cfg.image_size), dtype=torch.uint8)
+            for i, rel in enumerate(rows["path"]):
+                mask_rel = mask_of.get(rel)  # normal images have none: zeros
+                if mask_rel is not None:
+                    masks[i] = torch.from_numpy(decode_mask(
+                        files[mask_rel], f"{source}/{mask_rel}", cfg.image_size,
+                        items[i][0], (int(sizes[i, 0]), int(sizes[i, 1]))))
         return ImageSet(images, (~rows["is_normal"].to_numpy()).astype(int),
-                        list(rows["path"]), list(rows["label"]))
+                        list(rows["path"]), list(rows["label"]), masks)
 
     splits = {name: used[used["split"] == name] for name in SPLITS}
     for name in ("train", "val"):
