@@ -87,6 +87,27 @@ def decode_image(data: bytes, name: str, image_size: int, channels: int,
     return (array[..., None] if channels == 1 else array), original
 
 
+def decode_image_original(data: bytes, name: str, channels: int,
+                          min_size: int = 1) -> np.ndarray:
+    """Decode and check one image at its own size: ``(height, width, channels)`` uint8.
+
+    What ``decode_image`` decodes before it resizes (same checks, same errors, same
+    conversion), e.g. to draw a heat map over the source image at its original size.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if min(img.size) < min_size:
+                raise DataError(f"{name}: image is {img.size[0]}x{img.size[1]}, smaller than "
+                                f"the allowed minimum {min_size}x{min_size}")
+            array = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: not an image file (cannot identify its format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{name}: unreadable or truncated image ({exc})") from None
+    return array[..., None] if channels == 1 else array
+
+
 def decode_mask(data: bytes, name: str, image_size: int, image_name: str,
                 image_wh: tuple[int, int]) -> np.ndarray:
     """Decode one pixel mask to ``(image_size, image_size)`` uint8 in {0, 1}.
