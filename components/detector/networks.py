@@ -58,9 +58,12 @@ def build_discriminator(channels: int, image_size: int, width: int) -> nn.Module
 
 
 def build_networks(
-    model_cfg: ModelConfig, channels: int, image_size: int
+    model_cfg: ModelConfig, channels: int, image_size: int, disc_image_size: int | None = None
 ) -> tuple[nn.Module, nn.Module]:
-    """G and D for a config, DCGAN-initialised (uses the global torch RNG)."""
+    """G and D for a config, DCGAN-initialised (uses the global torch RNG).
+
+    ``disc_image_size``: the side D is built for when training used crops (``train.crop``);
+    G is fully convolutional and takes any multiple of 2**depth."""
     generator = build_generator(
         model_cfg.name,
         channels,
@@ -71,5 +74,6 @@ def build_networks(
         model_cfg.seg_width,
         model_cfg.seg_depth,
     )
-    discriminator = build_discriminator(channels, image_size, model_cfg.disc_width)
+    discriminator = build_discriminator(channels, disc_image_size or image_size,
+                                        model_cfg.disc_width)
     return generator, discriminator

@@ -24,8 +24,9 @@ MODEL_FILE = "detector.pt"
 def build_detector(
     model_cfg: ModelConfig, channels: int, image_size: int, score_weight: float,
     settings: MapSettings = MapSettings(),
+    disc_image_size: int | None = None,
 ) -> AnomalyDetector:
-    generator, discriminator = build_networks(model_cfg, channels, image_size)
+    generator, discriminator = build_networks(model_cfg, channels, image_size, disc_image_size)
     return AnomalyDetector(generator, discriminator, score_weight, settings)
 
 
@@ -38,6 +39,7 @@ def save_detector(
     norm: NormStats,
     threshold: str,
     provenance: dict[str, Any] | None = None,
+    disc_image_size: int | None = None,
 ) -> None:
     """Write the model file atomically; the statistics also sit in the detector's buffers."""
     detector.set_statistics(norm.score_min, norm.score_max, norm.threshold(threshold))
@@ -47,6 +49,7 @@ def save_detector(
             "model": model_cfg.model_dump(),
             "channels": channels,
             "image_size": image_size,
+            "disc_image_size": disc_image_size or image_size,
             "score_weight": detector.weight,
             "map_settings": asdict(detector.settings),
             "threshold": threshold,
@@ -70,6 +73,7 @@ def load_detector(path: Path) -> tuple[AnomalyDetector, dict[str, Any]]:
         detector = build_detector(
             ModelConfig(**meta["model"]), meta["channels"], meta["image_size"],
             meta["score_weight"], MapSettings(**meta.get("map_settings", {})),
+            meta.get("disc_image_size"),
         )
         # Files written before maps existed lack the map statistics: they keep (0, 1).
         missing, unexpected = detector.load_state_dict(meta.pop("state_dict"), strict=False)

@@ -164,7 +164,9 @@ class GanTrainer:
 
             def factor(step: int) -> float:
                 start = cfg.lr_decay_from * cfg.steps
-                return 1.0 if step < start else max(0.0, 1.0 - (step - start) / (cfg.steps - start + 1))
+                if step < start:
+                    return 1.0
+                return max(0.0, 1.0 - (step - start) / (cfg.steps - start + 1))
 
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, factor)
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, factor)
@@ -457,8 +459,9 @@ def fit(
             **{k: sums[k] / batches for k in sums},
         )
         history.append(report)
-        criterion = (0.5 * (synthetic["val_synthetic_auroc"] + synthetic["val_synthetic_pixel_auroc"])
-                     if synthetic else -math.inf)
+        criterion = -math.inf
+        if synthetic:  # the mean of the synthetic image and pixel AUROCs
+            criterion = 0.5 * sum(synthetic.values())
         if (
             cfg.select_on == "last"
             or (cfg.select_on == "val_recon" and report.val_recon < best["val_recon"])

@@ -77,7 +77,8 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
     state = load_checkpoint(out / "checkpoints" / "best.pt")
     channels, size = params.data.channels, params.data.image_size
     settings = map_settings(params)
-    detector = build_detector(params.model, channels, size, cfg.score_weight, settings)
+    crop = params.train.crop if params.train.crop and params.train.crop < size else None
+    detector = build_detector(params.model, channels, size, cfg.score_weight, settings, crop)
     detector.generator.load_state_dict(state["generator"])
     detector.discriminator.load_state_dict(state["discriminator"])
     tc = params.train
@@ -113,7 +114,8 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
     save_detector(out / "model" / MODEL_FILE, detector.cpu(), params.model, channels, size,
                   report.norm, cfg.threshold,
                   provenance={"checkpoint_epoch": state["epoch"],
-                              "data_source": params.data.source})
+                              "data_source": params.data.source},
+                  disc_image_size=crop)
     write_metrics(report, out / "metrics.json")
     normed = normalise(test.score, report.norm.score_min, report.norm.score_max, clip=False)
     threshold = report.norm.threshold(cfg.threshold)
@@ -164,25 +166,58 @@ def _grid(detector, test, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def score_paths(model: Path, paths: list[Path], out_csv: Path | None,
-                batch_size: int = 256, threshold: str | None = None) -> list[dict]:
-    """Score image files with a saved model; rows of path, score, normalised, is_anomaly."""
+                batch_size: int = 256, threshold: str | None = None,
+                maps_dir: Path | None = None) -> list[dict]:
+    """Score image files with a saved model; rows of path, score, normalised, is_anomaly.
+
+    With ``maps_dir`` each image's heat-map overlay is written there and its row gains
+    ``map`` (the file): the source image at its own size, with the normalised anomaly map
+    upsampled bilinearly to that size. Files are ``<stem>_map.png``; a stem seen before (the
+    same name in another folder) gets ``<stem>_map-2.png``, ``-3``, ... in row order.
+    """
+    from components.data.images import decode_image_original
+    from components.detector.map_metrics import upsample_maps
+    from components.detector.overlay import overlay
+    from components.errors import DataError
+
     detector, meta = load_detector(model)
     norm = meta["norm"]
     if threshold:
         detector.threshold.fill_(norm.threshold(threshold))
     images, names = load_images(paths, meta["image_size"], meta["channels"])
+    if maps_dir is not None:
+        maps_dir.mkdir(parents=True, exist_ok=True)
+    stems: dict[str, int] = {}
     rows = []
     for start in range(0, len(images), batch_size):
         x = to_model_input(images[start : start + batch_size])
-        score, normed, flagged = detector(x)
+        if maps_dir is None:
+            score, normed, flagged = detector(x)
+        else:
+            score, normed, flagged, maps01 = detector.score_with_maps(x)  # (B, 1, h, w)
         for i in range(len(x)):
-            rows.append({"path": names[start + i], "score": float(score[i]),
-                         "normalised_score": float(normed[i]), "is_anomaly": bool(flagged[i])})
+            name = names[start + i]
+            row = {"path": name, "score": float(score[i]),
+                   "normalised_score": float(normed[i]), "is_anomaly": bool(flagged[i])}
+            if maps_dir is not None:
+                try:
+                    data = Path(name).read_bytes()
+                except OSError as exc:
+                    raise DataError(f"{name}: cannot read ({exc.strerror})") from None
+                source = decode_image_original(data, name, 3)  # (H, W, 3), as the file is
+                full = upsample_maps(maps01[i : i + 1], source.shape[:2])[0, 0].numpy()
+                stem = Path(name).stem
+                stems[stem] = stems.get(stem, 0) + 1
+                suffix = "" if stems[stem] == 1 else f"-{stems[stem]}"
+                target = maps_dir / f"{stem}_map{suffix}.png"
+                overlay(source, full).save(target)
+                row["map"] = str(target)
+            rows.append(row)
     if out_csv:
         out_csv.parent.mkdir(parents=True, exist_ok=True)
         with out_csv.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["path", "score", "normalised_score",
-                                                    "is_anomaly"])
+            columns = ["path", "score", "normalised_score", "is_anomaly"]
+            writer = csv.DictWriter(fh, fieldnames=columns + (["map"] if maps_dir else []))
             writer.writeheader()
             writer.writerows(rows)
     return rows

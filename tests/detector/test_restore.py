@@ -148,3 +148,27 @@ def test_the_test_split_chooses_nothing(trained, tmp_path) -> None:
         "threshold"]
     assert "auroc" in a["pixel"] and "aupro" in a["pixel"]
     assert a["leak_free"]["auroc"] != b["leak_free"]["auroc"] or a["pixel"] != b["pixel"]
+
+
+def test_crop_training_builds_d_for_the_crop_and_evaluates_whole_images(tmp_path) -> None:
+    from components.config import Params
+    from components.detector.package import load_detector
+    from components.pipeline.stages import evaluate_stage
+
+    cfg = _train_cfg(steps=4, eval_every=2, crop=16)
+    result = fit(_set(_texture(8, 0)), _set(_texture(4, 1)), MODEL, cfg,
+                 tmp_path / "checkpoints", map_settings=SETTINGS)
+    assert result.history[-1].steps == 4
+    params = Params(model=MODEL, train=cfg,
+                    data={"layout": "industrial", "anomalous_class": None, "channels": 1,
+                          "image_size": SIZE}, evaluate={"plots": False})
+    bad, masks = _planted(4, 3)
+    test = _set(np.concatenate([_texture(4, 2), bad]), anomalous=4,
+                masks=np.concatenate([np.zeros_like(masks), masks]))
+    evaluate_stage(params, tmp_path, DatasetSplits(_set(_texture(4, 0)), _set(_texture(4, 1)),
+                                                   test, pd.DataFrame()))
+    detector, meta = load_detector(tmp_path / "model")
+    assert meta["disc_image_size"] == 16 and meta["image_size"] == SIZE
+    score, _, _, amap = detector.score_with_maps(torch.zeros(2, 1, SIZE, SIZE))
+    assert score.shape == (2,) and amap.shape == (2, 1, SIZE, SIZE)
+    assert float(amap.min()) >= 0.0 and float(amap.max()) <= 1.0
