@@ -134,8 +134,13 @@ def score(
                                                 "(default: standard output).")] = None,
     threshold: Annotated[str | None, typer.Option(help="fpr | fixed (default: the model's).")
                          ] = None,
+    maps: Annotated[Path | None, typer.Option("--maps", help="Folder for heat-map overlays: "
+                                              "DIR/<stem>_map.png per image, at the source "
+                                              "image's size (a repeated stem gets -2, -3...); "
+                                              "adds a 'map' column.")] = None,
 ) -> None:
-    """Score images with a saved model: CSV of path, score, normalised_score, is_anomaly."""
+    """Score images with a saved model: CSV of path, score, normalised_score, is_anomaly
+    (and map, with --maps)."""
     import csv
 
     from components.pipeline.stages import score_paths
@@ -146,15 +151,16 @@ def score(
         from components.registry.download import resolve_model_uri
 
         model = resolve_model_uri(str(model))
-    rows = score_paths(model, paths, output, threshold=threshold)
+    rows = score_paths(model, paths, output, threshold=threshold, maps_dir=maps)
     if output is None:
-        writer = csv.DictWriter(sys.stdout, fieldnames=["path", "score", "normalised_score",
-                                                        "is_anomaly"])
+        columns = ["path", "score", "normalised_score", "is_anomaly"] + (["map"] if maps else [])
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     else:
         flagged = sum(r["is_anomaly"] for r in rows)
-        console.print(f"scored {len(rows)} images, {flagged} flagged anomalous -> {output}")
+        console.print(f"scored {len(rows)} images, {flagged} flagged anomalous -> {output}"
+                      + (f"; maps in {maps}" if maps else ""))
 
 
 def _register_extensions() -> None:

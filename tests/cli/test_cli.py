@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from components.cli.app import get_app
@@ -64,7 +65,7 @@ def trained_run(tmp_path_factory, synth):
     [
         ("train", ["--params", "--profile", "--set", "--out", "--resume", "--evaluate"]),
         ("evaluate", ["--params", "--profile", "--set", "--out"]),
-        ("score", ["--model", "--output", "--threshold", "paths"]),
+        ("score", ["--model", "--output", "--threshold", "--maps", "paths"]),
     ],
 )
 def test_help_lists_each_commands_options(command: str, options: list[str]) -> None:
@@ -159,6 +160,54 @@ def test_score_without_output_prints_csv_and_threshold_choice_applies(trained_ru
         for row in printed[threshold]:
             expected = float(row["normalised_score"]) >= metrics[key]
             assert row["is_anomaly"] == str(expected)
+
+
+def test_score_maps_writes_one_overlay_per_image_at_the_source_size(trained_run, tmp_path,
+                                                                     synth) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from components.data.images import to_model_input
+    from components.detector.map_metrics import upsample_maps
+    from components.detector.overlay import overlay
+    from components.detector.package import load_detector
+
+    _, out, _ = trained_run
+    sources = []
+    for folder, seed in (("a", 0), ("b", 1)):  # the same stem in two folders
+        (tmp_path / folder).mkdir()
+        sources.append(tmp_path / folder / "part.png")
+        synth.image("blob", seed, 48, defect=bool(seed)).resize((40, 24)).save(sources[-1])
+    target, maps = tmp_path / "scores.csv", tmp_path / "maps"
+    result = _invoke("score", *sources, "-m", out / "model", "--output", target, "--maps", maps)
+    assert result.exit_code == 0, result.output
+    with target.open() as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert reader.fieldnames == ["path", "score", "normalised_score", "is_anomaly", "map"]
+    assert [r["map"] for r in rows] == [str(maps / "part_map.png"), str(maps / "part_map-2.png")]
+    assert sorted(p.name for p in maps.iterdir()) == ["part_map-2.png", "part_map.png"]
+
+    detector, meta = load_detector(out / "model")
+    size = meta["image_size"]
+    for source, row in zip(sources, rows, strict=True):
+        picture = Image.open(row["map"])
+        assert picture.format == "PNG" and picture.size == (40, 24) and picture.mode == "RGB"
+        # the PyTorch path: the model-size input, its normalised map, upsampled to 40x24
+        small = np.array(Image.open(source).convert("RGB").resize((size, size),
+                                                                  Image.Resampling.BILINEAR))
+        x = to_model_input(torch.from_numpy(small).permute(2, 0, 1)[None])
+        score, _, _, map01 = detector.score_with_maps(x)
+        assert float(row["score"]) == pytest.approx(float(score[0]), rel=1e-9)
+        expected = overlay(np.asarray(Image.open(source).convert("RGB")),
+                           upsample_maps(map01, (24, 40))[0, 0].numpy())
+        diff = np.abs(np.asarray(picture, np.int16) - np.asarray(expected, np.int16))
+        assert diff.max() <= 1
+
+    printed = _invoke("score", sources[0], "-m", out / "model", "--maps", tmp_path / "m2")
+    assert printed.exit_code == 0, printed.output
+    assert printed.stdout.splitlines()[0] == "path,score,normalised_score,is_anomaly,map"
+    assert (tmp_path / "m2" / "part_map.png").is_file()
 
 
 # --- bad input: exit code 2 and one line, never a traceback -------------------------------------
