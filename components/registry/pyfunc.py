@@ -51,8 +51,11 @@ def build_pyfunc_model() -> Any:
         def predict(
             self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
         ) -> pd.DataFrame:
-            threshold = (params or {}).get("threshold") or None
-            return score_request(self.detector, self.meta, model_input, threshold=threshold)
+            params = params or {}
+            return score_request(
+                self.detector, self.meta, model_input,
+                threshold=params.get("threshold") or None, maps=bool(params.get("maps")),
+            )
 
     return NestadDetectorModel()
 
@@ -79,8 +82,10 @@ def _signature(threshold: str) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-    from components.registry.serve import INPUT_COLUMNS
+    from components.registry.serve import INPUT_COLUMNS, MAP_COLUMN
 
+    # MLflow passes predict only the params its ParamSchema declares (others are dropped
+    # with a warning), so every request parameter is declared here.
     return ModelSignature(
         inputs=Schema([ColSpec("string", c, required=False) for c in INPUT_COLUMNS]),
         outputs=Schema(
@@ -88,9 +93,12 @@ def _signature(threshold: str) -> Any:
                 ColSpec("double", "score"),
                 ColSpec("double", "normalised_score"),
                 ColSpec("boolean", "is_anomaly"),
+                ColSpec("string", MAP_COLUMN, required=False),  # only with maps=true
             ]
         ),
-        params=ParamSchema([ParamSpec("threshold", "string", threshold)]),
+        params=ParamSchema(
+            [ParamSpec("threshold", "string", threshold), ParamSpec("maps", "boolean", False)]
+        ),
     )
 
 

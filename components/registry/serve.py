@@ -12,10 +12,13 @@ REST (``POST /invocations``, ``Content-Type: application/json``)::
     {"dataframe_split": {"columns": ["image_b64"], "data": [["iVBORw0KGgo..."]]},
      "params": {"threshold": "fixed"}}
 
-``params`` is optional (``threshold``: ``fpr`` | ``fixed``; default: the model's). The answer
-is ``{"predictions": [{"score": 0.41, "normalised_score": 0.27, "is_anomaly": true}, ...]}``,
+``params`` is optional (``threshold``: ``fpr`` | ``fixed``; default: the model's; ``maps``:
+``true`` | ``false``, default false). The answer is
+``{"predictions": [{"score": 0.41, "normalised_score": 0.27, "is_anomaly": true}, ...]}``,
 one entry per row, in order: the raw score A, A normalised with the validation normals'
-min and max, and whether it reaches the threshold.
+min and max, and whether it reaches the threshold. With ``"maps": true`` every entry also
+has ``map_png``: a base64 PNG of the image *at the model input size* (as it was scored)
+with its normalised anomaly map blended in as a heat map (``overlay``).
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ import pandas as pd
 import torch
 
 from components.data.images import decode_image, to_model_input
+from components.detector.overlay import overlay, png_base64
 from components.detector.score import AnomalyDetector
 from components.errors import DataError
 
 INPUT_COLUMNS = ("path", "image_b64")
 OUTPUT_COLUMNS = ("score", "normalised_score", "is_anomaly")
+MAP_COLUMN = "map_png"  # only with maps=True: base64 PNG overlay at the model input size
 THRESHOLDS = ("fpr", "fixed")
 
 
@@ -91,30 +96,42 @@ def score_request(
     frame: pd.DataFrame,
     threshold: str | None = None,
     batch_size: int = 256,
+    maps: bool = False,
 ) -> pd.DataFrame:
-    """Score every row of a request; columns ``OUTPUT_COLUMNS``, one row per input row.
+    """Score every row of a request; columns ``OUTPUT_COLUMNS`` (plus ``MAP_COLUMN`` with
+    ``maps``), one row per input row.
 
-    Scores match ``nestad score`` exactly: same decoding, same batches, same model.
+    Scores match ``nestad score`` exactly: same decoding, same batches, same model. Maps are
+    ``AnomalyDetector.score_with_maps``'s, drawn over the decoded (model-size) image.
     """
     if threshold is not None and threshold not in THRESHOLDS:
         raise DataError(f"threshold {threshold!r}: expected one of {', '.join(THRESHOLDS)}")
     images = request_images(frame, meta["image_size"], meta["channels"])
     cut = meta["norm"].threshold(threshold or meta["threshold"])
-    scores, normed = [], []
+    scores, normed, pictures = [], [], []
     for start in range(0, len(images), batch_size):
-        a, n, _ = detector(to_model_input(images[start : start + batch_size]))
+        chunk = images[start : start + batch_size]
+        if maps:
+            a, n, _, maps01 = detector.score_with_maps(to_model_input(chunk))
+            pixels = chunk.permute(0, 2, 3, 1).numpy()  # (B, H, W, C) uint8
+            pictures += [png_base64(overlay(p, m[0].numpy())) for p, m in zip(pixels, maps01,
+                                                                                strict=True)]
+        else:
+            a, n, _ = detector(to_model_input(chunk))
         scores.append(a)
         normed.append(n)
     if not scores:
-        return pd.DataFrame(
-            {
-                c: pd.Series(dtype=t)
-                for c, t in zip(OUTPUT_COLUMNS, ("float64", "float64", "bool"), strict=True)
-            }
-        )
+        columns = zip(OUTPUT_COLUMNS, ("float64", "float64", "bool"), strict=True)
+        empty = {c: pd.Series(dtype=t) for c, t in columns}
+        if maps:
+            empty[MAP_COLUMN] = pd.Series(dtype=object)
+        return pd.DataFrame(empty)
     score = torch.cat(scores).numpy()
     norm = torch.cat(normed).numpy()
-    return pd.DataFrame({"score": score, "normalised_score": norm, "is_anomaly": norm >= cut})
+    out = pd.DataFrame({"score": score, "normalised_score": norm, "is_anomaly": norm >= cut})
+    if maps:
+        out[MAP_COLUMN] = pictures
+    return out
 
 
 def example_request(image_size: int, channels: int) -> pd.DataFrame:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow_support import (
@@ -22,11 +25,21 @@ from mlflow_support import (
     registered_project,
     server,
 )
+from PIL import Image
 
+from components.data.images import to_model_input
+from components.detector.overlay import overlay
 from components.detector.package import load_detector
 from components.errors import DataError
 from components.pipeline.stages import score_paths
-from components.registry.serve import encode_image, example_request, score_request
+from components.registry.serve import (
+    MAP_COLUMN,
+    OUTPUT_COLUMNS,
+    encode_image,
+    example_request,
+    request_images,
+    score_request,
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +115,88 @@ def test_empty_request_and_example(model: tuple[Path, list[Path]]) -> None:
     assert empty.empty and list(empty.columns) == ["score", "normalised_score", "is_anomaly"]
     example = example_request(meta["image_size"], meta["channels"])
     assert len(score_request(detector, meta, example)) == 1
+
+
+def _expected_overlays(file: Path, images: list[Path]) -> tuple[list[float], list[np.ndarray]]:
+    """The PyTorch path: load_detector + score_with_maps on the decoded model-size inputs,
+    each map drawn over its input (what ``map_png`` should hold)."""
+    detector, meta = load_detector(file)
+    pixels = request_images(
+        pd.DataFrame({"path": [str(p) for p in images]}), meta["image_size"], meta["channels"]
+    )
+    score, _, _, maps01 = detector.score_with_maps(to_model_input(pixels))
+    pictures = [
+        np.asarray(overlay(p, m[0].numpy()))
+        for p, m in zip(pixels.permute(0, 2, 3, 1).numpy(), maps01, strict=True)
+    ]
+    return score.tolist(), pictures
+
+
+def _decoded(b64: str) -> np.ndarray:
+    picture = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
+    assert picture.format == "PNG"
+    return np.asarray(picture)
+
+
+def _assert_same_pictures(got: list[str], expected: list[np.ndarray]) -> None:
+    assert len(got) == len(expected)
+    for b64, want in zip(got, expected, strict=True):
+        picture = _decoded(b64)
+        assert picture.shape == want.shape and picture.dtype == np.uint8
+        assert np.abs(picture.astype(np.int16) - want.astype(np.int16)).max() <= 1
+
+
+def test_maps_add_an_overlay_png_per_row_and_leave_the_scores(
+    model: tuple[Path, list[Path]],
+) -> None:
+    file, images = model
+    detector, meta = load_detector(file)
+    frame = pd.DataFrame({"image_b64": [encode_image(p) for p in images]})
+    plain = score_request(detector, meta, frame)
+    with_maps = score_request(detector, meta, frame, maps=True)
+    assert list(with_maps.columns) == ["score", "normalised_score", "is_anomaly", MAP_COLUMN]
+    pd.testing.assert_frame_equal(with_maps.drop(columns=MAP_COLUMN), plain)
+    scores, pictures = _expected_overlays(file, images)
+    assert with_maps["score"].tolist() == pytest.approx(scores, rel=1e-12)
+    _assert_same_pictures(with_maps[MAP_COLUMN].tolist(), pictures)
+    size = meta["image_size"]
+    assert all(p.shape == (size, size, 3) for p in pictures)  # the model input size
+    empty = score_request(detector, meta, pd.DataFrame({"path": pd.Series([], dtype=str)}),
+                          maps=True)
+    assert empty.empty and MAP_COLUMN in empty.columns
+
+
+def test_pyfunc_round_trip_gives_the_pytorch_scores_and_maps(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The logged MLflow model, loaded with mlflow.pyfunc: ``params={"maps": True}`` reaches
+    predict (the signature declares it; MLflow drops undeclared params) and the answer
+    matches load_detector + score_with_maps."""
+    import mlflow
+    from mlflow.types.schema import DataType
+
+    with quiet_env(tmp_path_factory.mktemp("pyfunc")) as env:
+        shared = registered_project(tmp_path_factory)
+        project = shared.project
+        env.setenv("MLFLOW_TRACKING_URI", project.uri)
+        monkeypatch.setattr(sys, "path", list(sys.path))  # load_model prepends the model code
+        images = sorted((project.root / DATASET / "test").rglob("*.png"))
+        info = mlflow.models.get_model_info(shared.version.model_uri)
+        params = {p.name: (p.dtype, p.default) for p in info.signature.params.params}
+        assert params["maps"] == (DataType.boolean, False)
+        assert MAP_COLUMN in [c["name"] for c in info.signature.outputs.to_dict()]
+        loaded = mlflow.pyfunc.load_model(shared.version.model_uri)
+        frame = pd.DataFrame({"image_b64": [encode_image(p) for p in images]})
+        plain = loaded.predict(frame)
+        with_maps = loaded.predict(frame, params={"maps": True})
+        off = loaded.predict(frame, params={"maps": False})
+    assert list(plain.columns) == list(OUTPUT_COLUMNS)
+    assert list(off.columns) == list(OUTPUT_COLUMNS)
+    assert list(with_maps.columns) == [*OUTPUT_COLUMNS, MAP_COLUMN]
+    scores, pictures = _expected_overlays(project.out / "model" / "detector.pt", images)
+    assert with_maps["score"].tolist() == pytest.approx(scores, rel=1e-12)
+    assert plain["score"].tolist() == with_maps["score"].tolist()
+    _assert_same_pictures(with_maps[MAP_COLUMN].tolist(), pictures)
 
 
 # --- REST: mlflow models serve on 127.0.0.1 ----------------------------------------------
@@ -183,6 +278,23 @@ def test_rest_invocations_answer_with_the_same_figures(served: tuple[str, list[P
     assert status == 200 and body["predictions"][0]["score"] == pytest.approx(
         expected[0]["score"], rel=1e-12
     )
+
+
+def test_rest_maps_parameter_adds_a_png_per_image(served: tuple[str, list[Path], Any]) -> None:
+    url, images, project = served
+    rows = {"columns": ["image_b64"], "data": [[encode_image(p)] for p in images]}
+    status, body = _post(url, {"dataframe_split": rows, "params": {"maps": True}})
+    assert status == 200, body
+    predictions = body["predictions"]
+    assert [set(p) for p in predictions] == [{*OUTPUT_COLUMNS, MAP_COLUMN}] * len(images)
+    scores, pictures = _expected_overlays(project.out / "model" / "detector.pt", images)
+    assert [p["score"] for p in predictions] == pytest.approx(scores, rel=1e-12)
+    _assert_same_pictures([p[MAP_COLUMN] for p in predictions], pictures)
+
+    for params in ({}, {"params": {"maps": False}}, {"params": {"threshold": "fpr"}}):
+        status, body = _post(url, {"dataframe_split": rows, **params})
+        assert status == 200, body
+        assert [set(p) for p in body["predictions"]] == [set(OUTPUT_COLUMNS)] * len(images)
 
 
 def test_rest_rejects_a_bad_request(served: tuple[str, list[Path], Any]) -> None:

@@ -265,6 +265,7 @@ def test_the_version_is_a_candidate_with_a_complete_unpickled_model(
         "score",
         "normalised_score",
         "is_anomaly",
+        "map_png",  # only with params {"maps": true}
     ]
 
 
