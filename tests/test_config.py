@@ -19,7 +19,9 @@ def _yaml() -> dict:
 
 
 def _as_plain(value: object) -> object:
-    return list(value) if isinstance(value, tuple) else value
+    if isinstance(value, dict):  # nested sections (train.augment, train.synthetic)
+        return {k: _as_plain(v) for k, v in value.items()}
+    return [_as_plain(v) for v in value] if isinstance(value, tuple) else value
 
 
 def test_every_value_in_params_yaml_reaches_its_section() -> None:
