@@ -13,7 +13,8 @@ overrides in ``MODEL_OVERRIDES`` (printed and stored with the figures):
   anomalies, checkpoint chosen on the synthetic validation set);
 - ``nested`` (the paper), ``skip_ganomaly``, ``ganomaly``: the paper's losses and
   validation-reconstruction checkpoint choice, at ``--baseline-size`` px, for
-  ``--baseline-epochs`` epochs (CPU-sized; ``--baseline-size 128`` on a GPU).
+  ``--baseline-epochs`` epochs, base width ``--baseline-width`` (CPU-sized;
+  ``--baseline-size 128 --baseline-width 32`` on a GPU).
 
 Per run: image AUROC / AUPRC (leak-free protocol), pixel AUROC and AUPRO (maps against the
 ground-truth masks at the model input size), the synthetic-validation AUROCs (image and
@@ -57,20 +58,22 @@ FIGURES = ("image_auroc", "image_auprc", "pixel_auroc", "aupro", "synthetic_imag
            "synthetic_pixel_auroc", "train_seconds")
 
 
-def model_overrides(model: str, baseline_size: int, baseline_epochs: int) -> tuple[str | None,
-                                                                                    list[str]]:
+def model_overrides(model: str, baseline_size: int, baseline_epochs: int,
+                    baseline_width: int = 16) -> tuple[str | None, list[str]]:
     """(profile, overrides) for one model; the data source and layout are shared."""
     common = [f"data.source={SOURCE}", "data.layout=industrial", "data.anomalous_class=null",
               "data.channels=1"]
     if model == "nested_restore":
         return "industrial", common
     return None, [*common, f"model.name={model}", f"data.image_size={baseline_size}",
+                  f"model.base_width={baseline_width}",
                   f"train.epochs={baseline_epochs}",
                   f"train.lr_decay_start={max(1, baseline_epochs // 2)}"]
 
 
 def run_one(model: str, seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    profile, overrides = model_overrides(model, args.baseline_size, args.baseline_epochs)
+    profile, overrides = model_overrides(model, args.baseline_size, args.baseline_epochs,
+                                         args.baseline_width)
     overrides += [f"train.seed={seed}", f"data.seed={seed}", *args.set]
     params = load_params(ROOT / "params.yaml", overrides=overrides, profile=profile)
     out = work / f"{model}-{seed}"
@@ -173,6 +176,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--baseline-size", type=int, default=64)
     ap.add_argument("--baseline-epochs", type=int, default=15)
+    ap.add_argument("--baseline-width", type=int, default=16)
     ap.add_argument("--set", action="append", default=[], help="extra key=value for all")
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--keep", default=None, help="folder to keep metrics and overlay grids")
@@ -195,8 +199,8 @@ def main() -> None:
     device = runs[0]["device"] if runs else "cpu"
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
             f"{torch.get_num_threads()} threads", "device": device, "seeds": args.seeds,
-            "settings": {m: model_overrides(m, args.baseline_size, args.baseline_epochs)
-                         for m in args.models}}
+            "settings": {m: model_overrides(m, args.baseline_size, args.baseline_epochs,
+                                            args.baseline_width) for m in args.models}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     document = {"meta": meta, "summary": table, "runs": runs}

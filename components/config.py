@@ -141,8 +141,10 @@ class EvaluateConfig(_Section):
     quantiles: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99)
     plots: bool = True
     grid_images: int = Field(16, ge=0, le=256)
-    map_sigma: float = Field(2.0, ge=0.0, le=64.0)  # Gaussian smoothing of anomaly maps, px
-    map_top_k: float = Field(0.01, gt=0.0, le=1.0)  # nested_restore score: top share of map
+    # Gaussian smoothing of anomaly maps (px) and the nested_restore score's top share of the
+    # map; "auto": chosen on the synthetic validation set (never on test data)
+    map_sigma: Annotated[float, Field(ge=0.0, le=64.0)] | Literal["auto"] = 2.0
+    map_top_k: Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"] = 0.01
     overlay_images: int = Field(16, ge=0, le=256)  # highest-scoring test images in the grid
 
 

@@ -38,6 +38,7 @@ from components.detector.overlay import overlay_grid
 from components.detector.package import MODEL_FILE, build_detector, load_detector, save_detector
 from components.detector.score import MapSettings, score_images
 from components.detector.synthetic_validation import (
+    choose_map_settings,
     make_synthetic_validation,
     synthetic_validation_report,
 )
@@ -65,8 +66,14 @@ def train_stage(params: Params, out: Path, splits: DatasetSplits | None = None,
 
 
 def map_settings(params: Params) -> MapSettings:
-    """The map smoothing and map score of the ``evaluate`` section."""
-    return MapSettings(sigma=params.evaluate.map_sigma, top_k=params.evaluate.map_top_k)
+    """The map smoothing and map score of the ``evaluate`` section; an ``auto`` value is the
+    default here (training) and chosen on the synthetic validation set by evaluation."""
+    cfg = params.evaluate
+    # before evaluation has chosen: light smoothing (the synthetic validation set of
+    # magnetic tiles preferred sigma 0-1 to 2-4 for the restoration detector's maps)
+    default = MapSettings(sigma=1.0, top_k=0.01)
+    return MapSettings(sigma=default.sigma if cfg.map_sigma == "auto" else cfg.map_sigma,
+                       top_k=default.top_k if cfg.map_top_k == "auto" else cfg.map_top_k)
 
 
 def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = None
@@ -85,11 +92,18 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
     runtime = resolve_runtime(tc.device, tc.precision, tc.channels_last, tc.compile, tc.threads)
     detector.to(runtime.device)
     g, d = detector.generator, detector.discriminator
+    synthetic = make_synthetic_validation(splits.val.images, params.train.synthetic)
+    choices = None
+    if params.model.name == "nested_restore" and "auto" in (cfg.map_sigma, cfg.map_top_k):
+        raw = score_images(g, d, synthetic.images, cfg.score_weight, runtime, cfg.batch_size,
+                           MapSettings(sigma=0.0, top_k=settings.top_k), with_maps=True)
+        settings, choices = choose_map_settings(raw.maps, synthetic, cfg.map_sigma,
+                                                cfg.map_top_k)
+        detector.settings = settings
     val = score_images(g, d, splits.val.images, cfg.score_weight, runtime, cfg.batch_size,
                        settings, with_maps=True)
     map_stats = fit_map_stats(val.maps)  # display scale of maps: validation normals only
     detector.set_map_statistics(map_stats.low, map_stats.high)
-    synthetic = make_synthetic_validation(splits.val.images, params.train.synthetic)
     scored = score_images(g, d, synthetic.images, cfg.score_weight, runtime, cfg.batch_size,
                           settings, with_maps=True)
     found = synthetic_validation_report(scored.score, scored.maps, synthetic)
@@ -101,6 +115,9 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
         "protocol": "validation normals + synthetic anomalies made from them "
                     f"(seed {params.train.synthetic.val_seed}); no test data",
         "image_auroc": found.image_auroc, "pixel_auroc": found.pixel_auroc}
+    report.extra["map_settings"] = {"sigma": settings.sigma, "top_k": settings.top_k,
+                                    "chosen_on": "synthetic validation" if choices else
+                                    "params.yaml", **({"candidates": choices} if choices else {})}
     report.extra["map_normalisation"] = {"low": map_stats.low, "high": map_stats.high}
     masks = getattr(splits.test, "masks", None)
     if masks is not None and np.asarray(masks).any():

@@ -126,7 +126,7 @@ def test_the_test_split_chooses_nothing(trained, tmp_path) -> None:
     params = Params(model=MODEL, train=_train_cfg(),
                     data={"layout": "industrial", "anomalous_class": None, "channels": 1,
                           "image_size": SIZE},
-                    evaluate={"map_sigma": SETTINGS.sigma, "map_top_k": SETTINGS.top_k,
+                    evaluate={"map_sigma": "auto", "map_top_k": "auto",
                               "plots": False, "overlay_images": 4})
     val = _set(_texture(8, 1))
     reports = []
@@ -141,8 +141,10 @@ def test_the_test_split_chooses_nothing(trained, tmp_path) -> None:
         reports.append(json.loads((run / "metrics.json").read_text()))
         assert (run / "plots" / "overlays.png").is_file()
     a, b = reports
+    assert a["map_settings"]["chosen_on"] == "synthetic validation"
+    assert len(a["map_settings"]["candidates"]) == 12
     for key in ("normalisation", "map_normalisation", "synthetic_validation",
-                "checkpoint_epoch"):
+                "checkpoint_epoch", "map_settings"):
         assert a[key] == b[key], key
     assert a["leak_free"]["at_target_fpr"]["threshold"] == b["leak_free"]["at_target_fpr"][
         "threshold"]
@@ -172,3 +174,23 @@ def test_crop_training_builds_d_for_the_crop_and_evaluates_whole_images(tmp_path
     score, _, _, amap = detector.score_with_maps(torch.zeros(2, 1, SIZE, SIZE))
     assert score.shape == (2,) and amap.shape == (2, 1, SIZE, SIZE)
     assert float(amap.min()) >= 0.0 and float(amap.max()) <= 1.0
+
+
+def test_choose_map_settings_takes_the_best_candidate_on_synthetic_validation() -> None:
+    from components.detector.synthetic_validation import (
+        SyntheticValidationSet,
+        choose_map_settings,
+    )
+
+    # 2 normal + 2 anomalous images; the anomaly is one bright pixel: smoothing only hurts
+    masks = np.zeros((4, 8, 8), np.uint8)
+    masks[2, 3, 3] = masks[3, 5, 2] = 1
+    maps = np.random.default_rng(0).uniform(0, 0.2, (4, 8, 8)).astype(np.float32)
+    maps[masks == 1] = 1.0
+    data = SyntheticValidationSet(torch.zeros(4, 1, 8, 8, dtype=torch.uint8),
+                                  np.array([0, 0, 1, 1]), masks)
+    chosen, table = choose_map_settings(maps, data, "auto", 0.01)
+    assert chosen.sigma == 0.0 and chosen.top_k == 0.01
+    assert len(table) == 4 and max(r["criterion"] for r in table) == table[0]["criterion"]
+    fixed, table = choose_map_settings(maps, data, 2.0, 0.05)
+    assert (fixed.sigma, fixed.top_k) == (2.0, 0.05) and len(table) == 1
