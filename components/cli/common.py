@@ -18,7 +18,11 @@ from components.errors import NestadError
 console = Console(stderr=True)
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read.")]
 ProfileOpt = Annotated[
-    str | None, typer.Option("--profile", help="Profile from params.yaml: quick | paper | industrial | industrial_quick.")
+    str | None,
+    typer.Option(
+        "--profile",
+        help="Profile from params.yaml: quick | paper | industrial | industrial_quick.",
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
