@@ -30,7 +30,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from components.config import EvaluateConfig
+from components.config import DataConfig, EvaluateConfig
+from components.errors import DataError
 
 LEAK_FREE = (
     "leak-free: checkpoint, score normalisation (min/max) and thresholds from validation "
@@ -134,6 +135,28 @@ class EvaluationReport:
         }
 
 
+def require_both_classes(test_is_anomaly: np.ndarray, data: DataConfig | None = None) -> None:
+    """Refuse a test split without normal or without anomalous images (``DataError`` naming
+    the data source and the missing class): AUROC and AUPRC are undefined on one class, and
+    a one-class F1 says nothing. Called before anything is scored or written."""
+    y = np.asarray(test_is_anomaly).astype(int)
+    normal, anomalous = int((y == 0).sum()), int((y == 1).sum())
+    if normal and anomalous:
+        return
+    missing = "anomalous" if normal else "normal"
+    where = f"{data.source}: the test split" if data else "the test split"
+    hint = ""
+    if data is not None and data.layout == "industrial":
+        hint = " under test/<defect type>/" if missing == "anomalous" else " under test/good/"
+    elif data is not None and data.layout == "classes":
+        hint = (f" of the anomalous class {data.anomalous_class!r} under test/"
+                if missing == "anomalous" else
+                f" of a class other than {data.anomalous_class!r} under test/")
+    raise DataError(f"{where} has no {missing} images ({normal} normal, {anomalous} "
+                    f"anomalous); evaluation needs both classes: add {missing} test "
+                    f"images{hint}")
+
+
 def evaluate_scores(
     val_scores: np.ndarray,
     test_scores: np.ndarray,
@@ -141,7 +164,9 @@ def evaluate_scores(
     cfg: EvaluateConfig,
     checkpoint_epoch: int,
 ) -> EvaluationReport:
-    """Fit on validation normals, measure on test, under both protocols."""
+    """Fit on validation normals, measure on test, under both protocols (the test split
+    must hold both classes: ``require_both_classes``)."""
+    require_both_classes(test_is_anomaly)
     norm = fit_normalisation(val_scores, cfg)
     normed = normalise(test_scores, norm.score_min, norm.score_max, clip=False)
     chosen = classification_metrics(test_is_anomaly, normed, norm.threshold(cfg.threshold))

@@ -30,6 +30,7 @@ from components.detector.evaluate import (
     EvaluationReport,
     evaluate_scores,
     normalise,
+    require_both_classes,
     write_metrics,
     write_plots,
 )
@@ -81,6 +82,7 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
     """Fit normalisation on validation normals, score the sealed test split once, save all."""
     cfg = params.evaluate
     splits = splits or load_splits(params.data, include=("val", "test"))
+    require_both_classes(splits.test.is_anomaly, params.data)  # before anything is written
     state = load_checkpoint(out / "checkpoints" / "best.pt")
     channels, size = params.data.channels, params.data.image_size
     settings = map_settings(params)

@@ -291,3 +291,11 @@ def test_model_file_round_trip_gives_the_same_scores(trained) -> None:
     for row in rows:
         key = Path(row["path"]).relative_to(source).as_posix()
         assert row["score"] == pytest.approx(evaluated[key], rel=1e-5)
+
+
+@pytest.mark.parametrize(("y", "missing"), [(np.zeros(4), "anomalous"), (np.ones(4), "normal")])
+def test_evaluate_scores_refuses_a_test_split_with_one_class(y: np.ndarray, missing: str) -> None:
+    from components.errors import DataError
+
+    with pytest.raises(DataError, match=rf"^the test split has no {missing} images"):
+        evaluate_scores(np.linspace(0.0, 1.0, 10), np.linspace(0.0, 1.0, 4), y, CFG, 1)

@@ -40,6 +40,12 @@ def _fig(version: str, value: float | None, data: str | None = SAME) -> VersionF
         (_fig("2", 0.80), None, 0.0, True, True, "no production version yet"),
         (_fig("2", None), None, 0.0, True, False, "has no finite"),
         (_fig("2", math.nan), None, 0.0, True, False, "has no finite"),
+        # a NaN (a one-class test split) or infinite figure never passes, either direction
+        (_fig("2", math.nan), _fig("1", 0.70), 0.0, True, False, "candidate version 2 has no"),
+        (_fig("2", math.nan), _fig("1", 0.70), 0.0, False, False, "candidate version 2 has no"),
+        (_fig("2", math.inf), _fig("1", 0.70), 0.0, True, False, "candidate version 2 has no"),
+        (_fig("2", -math.inf), _fig("1", 0.70), 0.0, False, False, "candidate version 2 has no"),
+        (_fig("2", 0.80), _fig("1", math.nan), 0.0, True, False, "production version 1 has no"),
         (_fig("2", 0.80), _fig("1", 0.70), 0.0, True, True, "higher by"),
         (_fig("2", 0.80), _fig("1", 0.80), 0.0, True, False, "not higher"),  # a tie never wins
         (_fig("2", 0.70), _fig("1", 0.80), 0.0, True, False, "not higher"),
