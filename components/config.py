@@ -7,6 +7,7 @@ the key. CLI overrides use dotted keys: ``train.epochs=2``.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -255,27 +256,37 @@ class Params(_Section):
         return self
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, origin: str = "override") -> None:
     parts = key.split(".")
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+            raise ConfigError(f"{origin}: {key!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = value
+    node[parts[-1]] = copy.deepcopy(value)  # never shared with the profile or another tree
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def _parse_override(item: str, origin: str | None = None) -> tuple[str, Any]:
     """``"train.epochs=2"`` -> ``("train.epochs", 2)``; the value is read as YAML."""
+    origin = origin or f"-s {item}"
     key, sep, raw = item.partition("=")
     key, raw = key.strip(), raw.strip()
     if not sep or not key:
-        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
+        raise ConfigError(f"{origin}: expected KEY=VALUE, e.g. train.epochs=2")
     try:
         return key, yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
-        raise ConfigError(f"override {key!r}: value {raw!r} is not valid YAML") from None
+        raise ConfigError(f"{origin}: {key}: value {raw!r} is not valid YAML") from None
+
+
+def _describe(err: Any, origin: str) -> str:
+    """One line for a pydantic error: ``origin: key: what is wrong``."""
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{origin}: {key}: {msg}"
 
 
 def parse_params(tree: dict[str, Any] | None, origin: str = "params.yaml") -> Params:
@@ -283,21 +294,49 @@ def parse_params(tree: dict[str, Any] | None, origin: str = "params.yaml") -> Pa
     try:
         return Params.model_validate(tree or {})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        raise ConfigError(f"{origin}: {key}: {msg}") from None
+        raise ConfigError(_describe(exc.errors()[0], origin)) from None
+
+
+def _signature(err: Any) -> tuple[Any, ...]:
+    """What identifies one validation error across trees: where, what and (for a plain
+    value) the offending value; a section's own check names its values in the message."""
+    value = err.get("input")
+    return (tuple(err["loc"]), err["type"], err["msg"],
+            None if isinstance(value, dict | list) else repr(value))
+
+
+def _origin_of(err: Any, tree: dict[str, Any],
+               layers: list[tuple[str, list[tuple[str, Any]]]], file_origin: str) -> str:
+    """The first layer (the file, the profile, then each override in order) after which the
+    error appears: where the bad value came from."""
+    wanted = _signature(err)
+    current = copy.deepcopy(tree)
+    for origin, pairs in [(file_origin, []), *layers]:
+        for key, value in pairs:
+            _set_dotted(current, key, value, origin)
+        try:
+            Params.model_validate(current)
+        except ValidationError as exc:
+            if any(_signature(e) == wanted for e in exc.errors()):
+                return origin
+    return file_origin
+
+
+Override = str | tuple[str, str]
 
 
 def load_params(
     path: str | Path = "params.yaml",
-    overrides: list[str] | None = None,
+    overrides: list[Override] | None = None,
     profile: str | None = None,
 ) -> Params:
     """Read params.yaml (missing file = all defaults), apply a profile, then ``key=value``
-    overrides; later ones win."""
+    overrides; later ones win. An override is ``"key=value"`` (named ``-s key=value`` in
+    errors) or ``(label, "key=value")`` (named ``label``, e.g. a CLI option).
+
+    A bad value is named with where it came from: ``params.yaml: train.lr: ...``,
+    ``profile quick (params.yaml): train.lr: ...`` or ``-s train.lr=-1: train.lr: ...``.
+    """
     path = Path(path)
     tree: dict[str, Any] = {}
     if path.exists():
@@ -308,17 +347,27 @@ def load_params(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         tree = loaded or {}
-    pairs: list[tuple[str, Any]] = []
+    layers: list[tuple[str, list[tuple[str, Any]]]] = []
     if profile:
         profiles = tree.get("profiles") or {}
         if profile not in profiles:
             known = ", ".join(sorted(profiles)) or "none"
             raise ConfigError(f"{path}: profiles.{profile}: unknown profile (known: {known})")
-        pairs.extend(profiles[profile].items())
-    pairs.extend(_parse_override(item) for item in overrides or [])
-    for key, value in pairs:
-        _set_dotted(tree, key, value)
-    return parse_params(tree, origin=str(path))
+        if not isinstance(profiles[profile], dict):
+            raise ConfigError(f"{path}: profiles.{profile}: must be a mapping of dotted keys")
+        layers.append((f"profile {profile} ({path})", list(profiles[profile].items())))
+    for item in overrides or []:
+        label, text = item if isinstance(item, tuple) else (f"-s {item}", item)
+        layers.append((label, [_parse_override(text, label)]))
+    full = copy.deepcopy(tree)
+    for origin, pairs in layers:
+        for key, value in pairs:
+            _set_dotted(full, key, value, origin)
+    try:
+        return Params.model_validate(full)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(_describe(err, _origin_of(err, tree, layers, str(path)))) from None
 
 
 def project_path(root: Path, value: str | Path) -> Path:

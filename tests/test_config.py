@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,56 @@ def test_invalid_yaml_is_a_config_error(tmp_path: Path) -> None:
 def test_override_value_that_is_not_yaml_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"evaluate\.quantiles"):
         load_params(PARAMS, overrides=["evaluate.quantiles=[0.5, 0.9"])
+
+
+# --- where a bad value came from --------------------------------------------------------
+
+
+def test_bad_override_is_named_as_the_override_not_the_file() -> None:
+    with pytest.raises(ConfigError, match=r"^-s train\.lr=-1: train\.lr: "):
+        load_params(PARAMS, overrides=["train.lr=-1"])
+
+
+def test_bad_value_in_the_file_is_named_by_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: train\.lr: "):
+        load_params(path, overrides=["train.epochs=2"])
+
+
+def test_an_override_that_fixes_the_file_wins(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: -1\n")
+    assert load_params(path, overrides=["train.lr=0.001"]).train.lr == 0.001
+
+
+def test_a_later_bad_value_for_the_same_key_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: -1\nprofiles:\n  quick:\n    train.lr: -2\n")
+    with pytest.raises(ConfigError, match=r"^profile quick \(.*\): train\.lr: "):
+        load_params(path, profile="quick")
+    with pytest.raises(ConfigError, match=r"^-s train\.lr=-3: train\.lr: "):
+        load_params(path, overrides=["train.lr=-3"], profile="quick")
+
+
+def test_a_section_check_is_named_by_the_value_that_broke_it(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  image_size: 40\n")
+    # an unrelated override in the same section does not take the blame
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: data: image_size=40"):
+        load_params(path, overrides=["data.seed=3"])
+    with pytest.raises(ConfigError, match=r"^-s data\.image_size=56: data: image_size=56"):
+        load_params(PARAMS, overrides=["data.image_size=56"])
+
+
+def test_an_option_override_is_named_by_its_label() -> None:
+    with pytest.raises(ConfigError, match=r"^--name a b: ingest\.name: "):
+        load_params(PARAMS, overrides=[("--name a b", "ingest.name=a b")])
+
+
+def test_a_profile_override_does_not_leak_into_the_profile(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("profiles:\n  p:\n    train.augment: {hflip: true}\n")
+    params = load_params(path, overrides=["train.augment.vflip=true"], profile="p")
+    assert params.train.augment.hflip and params.train.augment.vflip
+    assert params.profiles["p"] == {"train.augment": {"hflip": True}}

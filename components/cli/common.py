@@ -16,7 +16,30 @@ from rich.markup import escape
 from components.errors import NestadError
 
 console = Console(stderr=True)
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read.")]
+
+
+def _error_exit(message: str) -> typer.Exit:
+    """Print ``message`` as the CLI's one red error line; the exit (code 2) to raise."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+def _check_params_file(ctx: typer.Context, param: typer.CallbackParam, value: Path) -> Path:
+    """A ``-p/--params`` file typed on the command line must exist (``load_params`` reads a
+    missing default ``params.yaml`` as all defaults; a named one that is missing is a typo,
+    never a silent run on the built-in defaults)."""
+    source = ctx.get_parameter_source(param.name or "params")
+    if ctx.resilient_parsing or getattr(source, "name", None) != "COMMANDLINE":
+        return value  # the default params.yaml (typer ships its own click: compare by name)
+    if not value.exists():
+        raise _error_exit(f"--params {value}: no such file")
+    if not value.is_file():
+        raise _error_exit(f"--params {value}: not a file")
+    return value
+
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read.",
+                                         callback=_check_params_file)]
 ProfileOpt = Annotated[
     str | None,
     typer.Option(
@@ -40,9 +63,7 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except NestadError as exc:
-            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
-                          soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise _error_exit(str(exc)) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: the last finished epoch is kept; "
                           "continue with --resume")

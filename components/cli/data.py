@@ -16,14 +16,16 @@ import typer
 from rich.markup import escape
 
 from components.cli.common import ParamsOpt, ProfileOpt, SetOpt, console, friendly_errors
-from components.config import Params, load_params, project_path
+from components.config import Override, Params, load_params, project_path
 from components.errors import VersioningError
 
 
 def _load(
-    params: Path, sets: list[str] | None, profile: str | None, extra: list[str] | None = None
+    params: Path, sets: list[str] | None, profile: str | None,
+    extra: list[Override] | None = None,
 ) -> tuple[Params, Path]:
-    """The parameters and the project root (the folder holding params.yaml)."""
+    """The parameters and the project root (the folder holding params.yaml); ``extra``
+    overrides come from options (``(label, "key=value")``, named by label in errors)."""
     return load_params(params, [*(sets or []), *(extra or [])], profile), params.absolute().parent
 
 
@@ -66,7 +68,8 @@ def ingest_command(
     from components.data.ingest import ingest
     from components.data.version import ensure_repo, track_data
 
-    p, root = _load(params, set_, profile, [f"ingest.name={name}"] if name else None)
+    extra = [(f"--name {name}", f"ingest.name={name}")] if name else None
+    p, root = _load(params, set_, profile, extra)
     source_name = None
     if source is None:
         # The manifest names the source as params.yaml does (relative to the project), so
