@@ -69,18 +69,26 @@ def train(
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     out: OutOpt = Path("outputs"),
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.pt.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.pt "
+                                                 "(none there: a notice, then epoch 1).")] = False,
     evaluate: Annotated[bool, typer.Option(help="Evaluate right after training.")] = False,
 ) -> None:
     """Train on normal images; keep the epoch chosen on validation normals."""
     from components.data.splits import load_splits
+    from components.detector.evaluate import require_both_classes
     from components.pipeline.stages import evaluate_stage, train_stage
 
     cfg = _params(params, profile, set_)
+    last = out / "checkpoints" / "last.pt"
+    if resume and not last.is_file():  # training starts fresh, as fit does without one
+        console.print(f"[yellow]notice:[/] --resume: no checkpoint {last}; training starts "
+                      "from epoch 1", highlight=False, soft_wrap=True)
     with _progress() as bar:
         task = bar.add_task("decoding images", total=None, info="")
         include = ("train", "val", "test") if evaluate else ("train", "val")
         splits = load_splits(cfg.data, progress=lambda n: bar.advance(task, n), include=include)
+        if evaluate:  # refused before training writes anything to the run folder
+            require_both_classes(splits.test.is_anomaly, cfg.data)
         bar.update(task, total=bar.tasks[task].completed)
         console.print(f"train {len(splits.train)} · val {len(splits.val)} normal images"
                       + (f" · test {len(splits.test)}" if evaluate else ""))
