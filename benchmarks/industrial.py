@@ -19,7 +19,9 @@ overrides in ``MODEL_OVERRIDES`` (printed and stored with the figures):
 Per run: image AUROC / AUPRC (leak-free protocol), pixel AUROC and AUPRO (maps against the
 ground-truth masks at the model input size), the synthetic-validation AUROCs (image and
 pixel; validation normals + synthetic anomalies, no test data), training seconds, device.
-Writes ``results/industrial.json`` and ``results/industrial.md`` (mean ± std over seeds);
+Writes ``results/industrial.json`` and ``results/industrial.md`` (mean ± std over seeds)
+and each run to ``results/industrial_runs/<model>-<seed>.json`` (``--reuse`` takes those
+instead of running again, e.g. to add seeds);
 ``--json`` prints the JSON object. The test split chooses nothing: it is scored once per
 run, after training and evaluation statistics are fixed.
 """
@@ -181,6 +183,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--keep", default=None, help="folder to keep metrics and overlay grids")
     ap.add_argument("--gallery", default=None, help="write a synthetic-anomaly gallery PNG")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take runs already in <out>/industrial_runs/<model>-<seed>.json")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.gallery:
@@ -188,10 +192,17 @@ def main() -> None:
         if not args.json:
             print(f"gallery: {args.gallery}")
     runs = []
+    cache = Path(args.out) / "industrial_runs"
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for model in args.models:
-                run = run_one(model, seed, args, Path(tmp))
+                cached = cache / f"{model}-{seed}.json"
+                if args.reuse and cached.is_file():  # the same run measured before
+                    run = json.loads(cached.read_text())
+                else:
+                    run = run_one(model, seed, args, Path(tmp))
+                    cache.mkdir(parents=True, exist_ok=True)
+                    cached.write_text(json.dumps(run, indent=2) + "\n")
                 runs.append(run)
                 if not args.json:
                     print(json.dumps(run), flush=True)
