@@ -58,6 +58,14 @@ def _print_metrics(report, out: Path) -> None:
                   *(f"{pc[k]:.4f}" for k in ("auroc", "auprc", "f1", "precision", "recall",
                                              "threshold")))
     Console().print(table)
+    pixel, synthetic = report.extra.get("pixel"), report.extra.get("synthetic_validation")
+    if pixel:
+        console.print(f"pixel (test masks): AUROC {pixel['auroc']:.4f}  AUPRO {pixel['aupro']:.4f}")
+    if synthetic:
+        console.print(f"synthetic validation (no test data): image AUROC "
+                      f"{synthetic['image_auroc']:.4f}  pixel AUROC {synthetic['pixel_auroc']:.4f}")
+    if (out / "plots" / "overlays.png").is_file():
+        console.print(f"overlays: {out / 'plots' / 'overlays.png'}")
     console.print(f"metrics: {out / 'metrics.json'}\nplots:   {out / 'plots'}\n"
                   f"model:   {out / 'model' / 'detector.pt'}\nscores:  {out / 'test_scores.csv'}")
 
@@ -92,7 +100,9 @@ def train(
         bar.update(task, total=bar.tasks[task].completed)
         console.print(f"train {len(splits.train)} · val {len(splits.val)} normal images"
                       + (f" · test {len(splits.test)}" if evaluate else ""))
-        epochs = bar.add_task("epochs", total=cfg.train.epochs, info="")
+        tc = cfg.train
+        intervals = -(-tc.steps // tc.eval_every) if tc.steps else tc.epochs
+        epochs = bar.add_task("intervals" if tc.steps else "epochs", total=intervals, info="")
         batches = bar.add_task("batches", total=None, info="")
 
         def on_batch(s) -> None:
@@ -100,12 +110,17 @@ def train(
                        description=f"epoch {s.epoch}", info=f"D {s.loss_d:.3f}  G {s.loss_g:.3f}")
 
         def on_epoch(r) -> None:
-            bar.update(epochs, completed=r.epoch,
-                       info=f"val R {r.val_recon:.4f}  {r.images_per_s:.0f} img/s")
+            figure = (f"synthetic AUROC {r.val_synthetic_auroc:.3f}/"
+                      f"{r.val_synthetic_pixel_auroc:.3f}" if r.val_synthetic_auroc is not None
+                      else f"val R {r.val_recon:.4f}")
+            bar.update(epochs, completed=r.epoch, info=f"{figure}  {r.images_per_s:.0f} img/s")
 
         result = train_stage(cfg, out, splits=splits, resume=resume, on_epoch=on_epoch,
                              on_batch=on_batch)
-    console.print(f"kept epoch {result.best_epoch} (lowest validation reconstruction error) "
+    rule = {"val_recon": "lowest validation reconstruction error",
+            "synthetic": "best synthetic-validation AUROC, image and pixel",
+            "last": "the last"}[cfg.train.select_on]
+    console.print(f"kept epoch {result.best_epoch} ({rule}) "
                   f"on {result.runtime.device}, "
                   f"{'bf16' if result.runtime.amp_dtype else 'fp32'}; "
                   f"checkpoints in {out / 'checkpoints'}")
