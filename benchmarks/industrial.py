@@ -138,15 +138,17 @@ def write_markdown(path: Path, table: dict[str, dict[str, Any]], meta: dict[str,
         f"Measured {meta['date']} on {meta['machine']} ({meta['device']}), seeds "
         f"{meta['seeds']}. Test split sealed: scored once per run; checkpoints, statistics "
         "and thresholds come from validation normals (and, for nested_restore, synthetic "
-        "anomalies made from them). `benchmarks/industrial.py` wrote this file.",
+        "anomalies made from them). `benchmarks/industrial.py` wrote this file. "
+        "Mean ± std where a model has several seeds (column `seeds`).",
         "",
-        "| model | px | image AUROC | image AUPRC | pixel AUROC | AUPRO | synthetic-val "
+        "| model | seeds | px | image AUROC | image AUPRC | pixel AUROC | AUPRO | synthetic-val "
         "image AUROC | synthetic-val pixel AUROC | train s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model, row in table.items():
         lines.append(
-            f"| {LABELS.get(model, model)} | {row['image_size']} | {_cell(row, 'image_auroc')} | "
+            f"| {LABELS.get(model, model)} | {len(row['seeds'])} | {row['image_size']} | "
+            f"{_cell(row, 'image_auroc')} | "
             f"{_cell(row, 'image_auprc')} | {_cell(row, 'pixel_auroc')} | "
             f"{_cell(row, 'aupro')} | {_cell(row, 'synthetic_image_auroc')} | "
             f"{_cell(row, 'synthetic_pixel_auroc')} | {_cell(row, 'train_seconds', 0)} |")
@@ -185,6 +187,9 @@ def main() -> None:
     ap.add_argument("--gallery", default=None, help="write a synthetic-anomaly gallery PNG")
     ap.add_argument("--reuse", action="store_true",
                     help="take runs already in <out>/industrial_runs/<model>-<seed>.json")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="train nothing: summarise the runs already cached (seeds may differ "
+                         "per model)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.gallery:
@@ -197,8 +202,10 @@ def main() -> None:
         for seed in args.seeds:
             for model in args.models:
                 cached = cache / f"{model}-{seed}.json"
-                if args.reuse and cached.is_file():  # the same run measured before
+                if (args.reuse or args.cached_only) and cached.is_file():  # measured before
                     run = json.loads(cached.read_text())
+                elif args.cached_only:
+                    continue
                 else:
                     run = run_one(model, seed, args, Path(tmp))
                     cache.mkdir(parents=True, exist_ok=True)
