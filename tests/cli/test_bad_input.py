@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from cli_support import assert_one_line_error
 from typer.testing import CliRunner
 
 from components.cli.app import get_app
@@ -30,16 +31,6 @@ def _train_args(synth, source: Path, out: Path, command: str = "train",
     return args
 
 
-def _assert_one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    assert errors[0] == lines[-1]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def _files(folder: Path) -> list[str]:
@@ -63,7 +54,7 @@ def test_train_evaluate_refuses_a_test_split_with_one_class(make_dataset, synth,
     source = _one_class(make_dataset, missing)
     out = tmp_path / "run"
     result = _invoke(*_train_args(synth, source, out), "--evaluate")
-    _assert_one_line_error(result, f"{source}: the test split has no {missing} images",
+    assert_one_line_error(result, f"{source}: the test split has no {missing} images",
                            "needs both classes", hint)
     assert not out.exists()  # refused before training: no checkpoint, metrics or model
 
@@ -85,7 +76,7 @@ def test_evaluate_refuses_a_test_split_with_one_class(trained_only, make_dataset
     before = _files(trained_only)
     source = _one_class(make_dataset, missing)
     result = _invoke(*_train_args(synth, source, trained_only, command="evaluate"))
-    _assert_one_line_error(result, str(source), f"no {missing} images")
+    assert_one_line_error(result, str(source), f"no {missing} images")
     assert _files(trained_only) == before  # no metrics.json, model, scores or plots
     assert not (trained_only / "metrics.json").exists()
 
@@ -110,21 +101,21 @@ def test_missing_params_file_given_explicitly_is_an_error(command: str, flag: st
                                                           monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = _invoke(command, flag, "missing.yaml")
-    _assert_one_line_error(result, "--params missing.yaml: no such file")
+    assert_one_line_error(result, "--params missing.yaml: no such file")
     assert _files(tmp_path) == []  # no run folder, mlflow.db, data/ or .dvc
 
 
 def test_params_that_is_a_folder_is_an_error(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "conf").mkdir()
-    _assert_one_line_error(_invoke("train", "-p", "conf"), "--params conf: not a file")
+    assert_one_line_error(_invoke("train", "-p", "conf"), "--params conf: not a file")
     assert _files(tmp_path) == ["conf"]
 
 
 def test_bad_set_override_names_the_override(make_dataset, synth, tmp_path) -> None:
     out = tmp_path / "run"
     args = _train_args(synth, make_dataset("industrial"), out)
-    _assert_one_line_error(_invoke(*args, "-s", "train.lr=-1"),
+    assert_one_line_error(_invoke(*args, "-s", "train.lr=-1"),
                            "-s train.lr=-1: train.lr: Input should be greater than 0")
     assert not out.exists()
 
@@ -134,7 +125,7 @@ def test_bad_value_in_the_params_file_names_the_file(make_dataset, synth, tmp_pa
     params.write_text("train:\n  lr: -1\n")
     out = tmp_path / "run"
     args = _train_args(synth, make_dataset("industrial"), out, params=params)
-    _assert_one_line_error(_invoke(*args), f"{params}: train.lr: Input should be greater than 0")
+    assert_one_line_error(_invoke(*args), f"{params}: train.lr: Input should be greater than 0")
     assert not out.exists()
 
 
@@ -143,7 +134,7 @@ def test_bad_value_set_by_a_profile_names_the_profile(make_dataset, synth, tmp_p
     params.write_text("profiles:\n  quick:\n    train.epochs: 1\n    train.lr: -1\n")
     out = tmp_path / "run"
     args = _train_args(synth, make_dataset("industrial"), out, params=params)
-    _assert_one_line_error(_invoke(*args, "--profile", "quick"),
+    assert_one_line_error(_invoke(*args, "--profile", "quick"),
                            f"profile quick ({params}): train.lr: Input should be greater than 0")
     assert not out.exists()
 
@@ -151,7 +142,7 @@ def test_bad_value_set_by_a_profile_names_the_profile(make_dataset, synth, tmp_p
 def test_bad_ingest_name_names_the_option(tmp_path, synth, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = _invoke("ingest", "--name", "a b", "-p", synth.repo / "params.yaml", "--no-track")
-    _assert_one_line_error(result, "--name a b: ingest.name")
+    assert_one_line_error(result, "--name a b: ingest.name")
     assert _files(tmp_path) == []
 
 

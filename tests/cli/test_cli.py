@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_support import assert_one_line_error
 from typer.testing import CliRunner
 
 from components.cli.app import get_app
@@ -36,15 +37,6 @@ def _train_args(synth, source: Path, out: Path, **overrides: object) -> list[obj
     return args
 
 
-def _assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    assert errors[0] == lines[-1]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +207,7 @@ def test_score_maps_writes_one_overlay_per_image_at_the_source_size(trained_run,
 
 def test_score_missing_file(trained_run, tmp_path) -> None:
     _, out, _ = trained_run
-    _assert_one_line_error(
+    assert_one_line_error(
         _invoke("score", tmp_path / "absent.png", "-m", out / "model"), "absent.png", "no such file"
     )
 
@@ -223,7 +215,7 @@ def test_score_missing_file(trained_run, tmp_path) -> None:
 def test_score_missing_model(tmp_path, synth) -> None:
     image = tmp_path / "one.png"
     synth.image("blob", 0, 16).save(image)
-    _assert_one_line_error(_invoke("score", image, "-m", tmp_path / "nomodel"), "nomodel")
+    assert_one_line_error(_invoke("score", image, "-m", tmp_path / "nomodel"), "nomodel")
 
 
 def test_score_truncated_image(trained_run, tmp_path, synth) -> None:
@@ -231,14 +223,14 @@ def test_score_truncated_image(trained_run, tmp_path, synth) -> None:
     broken = tmp_path / "broken.png"
     synth.image("blob", 0, 32).save(broken)
     broken.write_bytes(broken.read_bytes()[:60])
-    _assert_one_line_error(_invoke("score", broken, "-m", out / "model"), "broken.png")
+    assert_one_line_error(_invoke("score", broken, "-m", out / "model"), "broken.png")
 
 
 def test_score_unknown_threshold(trained_run, tmp_path, synth) -> None:
     _, out, _ = trained_run
     image = tmp_path / "one.png"
     synth.image("blob", 0, 16).save(image)
-    _assert_one_line_error(
+    assert_one_line_error(
         _invoke("score", image, "-m", out / "model", "--threshold", "median"), "--threshold"
     )
 
@@ -254,17 +246,17 @@ def test_score_unknown_threshold(trained_run, tmp_path, synth) -> None:
 )
 def test_train_bad_override(make_dataset, synth, tmp_path, override: str, needle: str) -> None:
     args = _train_args(synth, make_dataset("industrial"), tmp_path / "run")
-    _assert_one_line_error(_invoke(*args, "-s", override), needle)
+    assert_one_line_error(_invoke(*args, "-s", override), needle)
 
 
 def test_train_unknown_profile(make_dataset, synth, tmp_path) -> None:
     args = _train_args(synth, make_dataset("industrial"), tmp_path / "run")
-    _assert_one_line_error(_invoke(*args, "--profile", "turbo"), "turbo")
+    assert_one_line_error(_invoke(*args, "--profile", "turbo"), "turbo")
 
 
 def test_train_missing_source(synth, tmp_path) -> None:
     args = _train_args(synth, tmp_path / "no_such_data", tmp_path / "run")
-    _assert_one_line_error(_invoke(*args), "no_such_data")
+    assert_one_line_error(_invoke(*args), "no_such_data")
 
 
 def test_train_truncated_image(make_dataset, synth, tmp_path) -> None:
@@ -272,7 +264,7 @@ def test_train_truncated_image(make_dataset, synth, tmp_path) -> None:
     victim = sorted((source / "train" / "good").glob("*.png"))[0]
     victim.write_bytes(victim.read_bytes()[:60])
     result = _invoke(*_train_args(synth, source, tmp_path / "run"))
-    _assert_one_line_error(result, victim.name)
+    assert_one_line_error(result, victim.name)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
