@@ -86,6 +86,7 @@ def ingest_command(
     typer.echo(
         f"read {report.seen:,} images in {report.seconds:.1f} s; added {added}; "
         f"{report.duplicates:,} already stored or repeated"
+        + (f"; stored {report.masks:,} pixel masks" if report.masks else "")
     )
     typer.echo(f"dataset {report.dataset}: {totals}" + ("" if report.changed else " (unchanged)"))
     for line in report.conflicts[:5]:

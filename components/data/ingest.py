@@ -10,6 +10,9 @@ The dataset folder, which ``components.data.load_splits`` reads through its mani
 
     manifest.csv                       MANIFEST_COLUMNS, one row per image, sorted by path
     images/<sha[:2]>/<sha256>.<ext>    the source's bytes, unchanged; ext from the content
+    masks/<sha[:2]>/<sha256>.<ext>     industrial layout: the pixel masks of the defect
+                                       images (``ground_truth/``), unchanged; the manifest's
+                                       ``mask`` column names each image's mask
     ingest.json                        the split protocol, and which manifest was decoded
 
 Images are content-addressed: an exact duplicate is stored once and an image never moves.
@@ -37,11 +40,11 @@ from typing import Any
 import pandas as pd
 
 from components.config import DataConfig, IngestConfig
-from components.data.images import ImageProbe, Progress, sha256_hex
+from components.data.images import ImageProbe, Progress, decode_mask, sha256_hex
 from components.data.layout import (
-    GROUND_TRUTH,
     LayoutRecord,
     assign_split,
+    match_masks,
     parse_layout,
     strip_to_layout_root,
 )
@@ -79,6 +82,7 @@ class IngestReport:
     skipped: tuple[str, ...]  # undecodable images left out (on_bad_image=skip)
     changed: bool
     seconds: float
+    masks: int = 0  # pixel masks stored with the new images (industrial layout)
 
     @property
     def images_added(self) -> int:
@@ -121,13 +125,45 @@ def _layout(
     paths = [*stripped, *sorted(placeholders)]
     records = parse_layout(paths, data_cfg.layout, data_cfg.anomalous_class, uri)
     records = [rec for rec in records if rec.path not in placeholders]
-    if data_cfg.layout == "industrial" and any(p.startswith(f"{GROUND_TRUTH}/") for p in stripped):
-        log.warning("%s: the pixel masks under %s/ are not ingested (the dataset will have "
-                    "none); load the folder or archive directly for pixel metrics",
-                    uri, GROUND_TRUTH)
     if not records:
         raise DataError(f"{uri}: no images under train/ or test/")
     return [(by_path[rec.path], rec) for rec in records]
+
+
+def _mask_entries(
+    entries: list[_Entry], data_cfg: DataConfig, uri: str,
+    located: list[tuple[_Entry, LayoutRecord]],
+) -> dict[str, _Entry]:
+    """The source entry of each defect image's pixel mask, keyed by the image's layout
+    path: ``ground_truth/<defect>/<stem>_mask.<ext>`` of the industrial layout, checked
+    complete and exact by ``match_masks`` before anything is written. Empty when the
+    source has no ground truth."""
+    if data_cfg.layout != "industrial":
+        return {}
+    stripped = strip_to_layout_root(dict.fromkeys((e.rel for e in entries), b""), Path(uri))
+    by_path = dict(zip(stripped, entries, strict=True))
+    mask_of = match_masks(list(stripped), [rec for _, rec in located], uri)
+    return {image: by_path[mask] for image, mask in (mask_of or {}).items()}
+
+
+def _store_masks(
+    src: _Source, rows: list[dict[str, Any]], picked: list[LayoutRecord],
+    masks: dict[str, _Entry], staging: Path,
+) -> int:
+    """Store the mask of each new defect image beside the images, content-addressed, and
+    name it in the row's ``mask`` column. A mask that is unreadable or not its image's size
+    is a ``DataError`` naming both files."""
+    wanted = [(row, masks[rec.path]) for row, rec in zip(rows, picked, strict=True)
+              if rec.path in masks]
+    for (row, entry), (_, data) in zip(wanted, src.read([e for _, e in wanted]), strict=True):
+        decode_mask(data, f"{src.uri}/{entry.where}", 8, row["source"],
+                    (int(row["width"]), int(row["height"])))
+        sha = sha256_hex(data)
+        rel = f"masks/{sha[:2]}/{sha}{Path(entry.rel).suffix.lower()}"
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staging / rel).write_bytes(data)
+        row["mask"] = rel
+    return len(wanted)
 
 
 def _counts(frame: pd.DataFrame) -> dict[str, int]:
@@ -171,19 +207,22 @@ def ingest(
             entries = src.entries()
         increment = (target / MANIFEST_NAME).is_file()
         located = _layout(entries, data_cfg, src.uri, increment)
+        masks = _mask_entries(entries, data_cfg, src.uri, located)
         log.info("ingesting %d images from %s into %s", len(located), src.uri, target)
         # Everything above only read; from here on we write, beside the target.
         target.parent.mkdir(parents=True, exist_ok=True)
         with _exclusive(target.parent):
             _recover(target)
             return _ingest_locked(
-                src, located, target, cfg, data_cfg, progress, started, source_name or src.uri
+                src, located, masks, target, cfg, data_cfg, progress, started,
+                source_name or src.uri,
             )
 
 
 def _ingest_locked(
     src: _Source,
     located: list[tuple[_Entry, LayoutRecord]],
+    masks: dict[str, _Entry],
     target: Path,
     cfg: IngestConfig,
     data_cfg: DataConfig,
@@ -228,7 +267,7 @@ def _ingest_locked(
             for f in found.values()
             if f.probe and f.probe.error
         )
-        rows = []
+        rows, picked = [], []
         for sha, item in found.items():
             probe = item.probe
             if probe is None or probe.error is not None:
@@ -250,8 +289,11 @@ def _ingest_locked(
                     "height": probe.height,
                     "channels": probe.channels,
                     "source": f"{source_name}/{rel}",
+                    "mask": "",
                 }
             )
+            picked.append(rec)
+        stored_masks = _store_masks(src, rows, picked, masks, staging)
         new = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         if new.empty:
             shutil.rmtree(staging)
@@ -279,6 +321,7 @@ def _ingest_locked(
         skipped=skipped,
         changed=changed,
         seconds=time.perf_counter() - started,
+        masks=stored_masks if changed else 0,
     )
 
 

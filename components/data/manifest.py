@@ -23,7 +23,11 @@ MANIFEST_COLUMNS = [
     "height",
     "channels",
     "source",
+    "mask",  # industrial layout: the defect image's stored pixel mask, "" when it has none
 ]
+# Columns a manifest written by an older nestad may lack, and the value they then take.
+OPTIONAL_COLUMNS = {"mask": ""}
+REQUIRED_COLUMNS = [c for c in MANIFEST_COLUMNS if c not in OPTIONAL_COLUMNS]
 SPLITS = ("train", "val", "test")
 NORMAL_LABEL = "good"
 RECORD_NAME = "ingest.json"
@@ -55,12 +59,14 @@ def read_manifest(dataset_dir: Path) -> pd.DataFrame:
         raise DataError(f"{path}: no manifest (run `nestad ingest` first)")
     try:
         frame = pd.read_csv(path, dtype={"path": str, "sha256": str, "label": str,
-                                         "split": str, "source": str})
+                                         "split": str, "source": str, "mask": str})
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"{path}: not a readable CSV manifest ({exc})") from None
-    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing columns {', '.join(missing)}")
+    for column, default in OPTIONAL_COLUMNS.items():
+        frame[column] = frame[column].fillna(default) if column in frame else default
     bad = frame.loc[~frame["split"].isin(SPLITS), "path"]
     if len(bad):
         raise DataError(f"{path}: row {bad.iloc[0]!r} has a split other than {SPLITS}")

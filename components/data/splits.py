@@ -2,11 +2,13 @@
 once into ``ImageSet``s (a folder, an archive, or a dataset with ``manifest.csv``).
 
 Pixel masks (industrial layout, ``ground_truth/<defect>/<stem>_mask.<ext>``) come with the
-test split of a folder or archive source: ``ImageSet.masks``. Ingested datasets do not
-store masks (yet): their masks are None."""
+test split: ``ImageSet.masks``, read from ``ground_truth/`` of a folder or archive
+source, or from the ``mask`` column of an ingested dataset's manifest (``nestad ingest``
+stores them)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,9 +17,11 @@ import numpy as np
 import pandas as pd
 
 from components.config import DataConfig
+from components.data.duplicates import ImageCopy, apply_policy, find_duplicates, pick_copy
 from components.data.images import Progress, decode_images, decode_mask, sha256_hex
 from components.data.layout import (
     IMAGE_SUFFIXES,
+    LayoutRecord,
     assign_split,
     check_no_empty_class_folders,
     is_hidden,
@@ -28,6 +32,8 @@ from components.data.layout import (
 )
 from components.data.manifest import MANIFEST_COLUMNS, MANIFEST_NAME, SPLITS, read_manifest
 from components.errors import DataError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: ingestion and validation
     import torch  # read and hash images without it (seconds less per stage process)
@@ -73,18 +79,26 @@ def stratified_subset(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.D
 
 def _build_manifest(files: dict[str, bytes], cfg: DataConfig, source: str) -> pd.DataFrame:
     records = parse_layout(sorted(files), cfg.layout, cfg.anomalous_class, source)
-    rows = []
-    seen: dict[str, str] = {}
+    groups: dict[str, list[tuple[ImageCopy, LayoutRecord]]] = {}
     for rec in records:
         sha = sha256_hex(files[rec.path])
-        if sha in seen:  # an exact duplicate could sit in two splits: keep the first only
-            continue
-        seen[sha] = rec.path
         if not rec.is_normal or rec.partition == "test":
             split = "test"
         else:
             split = assign_split(sha, cfg.seed, cfg.val_fraction)
-        rows.append((rec.path, sha, rec.label, rec.is_normal, split, 0, 0, cfg.channels, source))
+        copy = ImageCopy(f"{source}/{rec.path}", rec.label, split, rec.is_normal)
+        groups.setdefault(sha, []).append((copy, rec))
+    # Identical copies: a leak or mislabel fails (data.duplicates), repeats are named.
+    findings = find_duplicates([[c for c, _ in group] for group in groups.values()])
+    for line in apply_policy(findings, cfg.duplicates):
+        log.warning("warning: %s", line)
+    rows = []
+    for sha, group in groups.items():
+        kept = pick_copy(c for c, _ in group)
+        rec = next(r for c, r in group if c == kept)
+        rows.append((rec.path, sha, rec.label, rec.is_normal, kept.split, 0, 0, cfg.channels,
+                     source, ""))
+    rows.sort(key=lambda row: row[0])
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
@@ -99,14 +113,43 @@ def scan_source(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, bytes]]:
     return _build_manifest(files, cfg, str(source)), files
 
 
-def source_masks(cfg: DataConfig, files: dict[str, bytes], source: Path) -> dict[str, str] | None:
-    """The mask of each defect test image (both as keys of ``files``), or None when the
-    source has none: not the industrial layout, an ingested dataset, or no ground_truth/."""
+def source_masks(cfg: DataConfig, files: dict[str, bytes], source: Path,
+                 frame: pd.DataFrame | None = None) -> dict[str, str] | None:
+    """The mask of each defect test image (paths in the source or the dataset folder), or
+    None when the source has none: not the industrial layout, or no ground truth.
+
+    An ingested dataset's masks are its manifest's ``mask`` column: all its defect test
+    images have one, or none has (a dataset ingested partly without masks is an error
+    naming the first image that lacks one)."""
+    if not files and frame is not None and "mask" in frame:
+        defects = frame[(frame["split"] == "test") & ~frame["is_normal"]]
+        with_mask = defects["mask"].fillna("").astype(str) != ""
+        if not with_mask.any():
+            return None
+        if not with_mask.all():
+            lacking = defects.loc[~with_mask].iloc[0]
+            raise DataError(
+                f"{source}/{lacking['path']} ({lacking['source']}): defect image has no "
+                f"stored mask, but {int(with_mask.sum())} others have; ingest its mask "
+                "(ground_truth/<defect>/<stem>_mask.png) or ingest into a new dataset")
+        return dict(zip(defects["path"], defects["mask"], strict=True))
     if cfg.layout != "industrial" or not files:
         return None
     paths = sorted(files)
     records = parse_layout(paths, cfg.layout, cfg.anomalous_class, str(source))
     return match_masks(paths, records, str(source))
+
+
+def _read(source: Path, rel: str, files: dict[str, bytes]) -> bytes:
+    """The bytes of ``rel``: from the source already read, else from the dataset folder."""
+    data = files.get(rel)
+    if data is None:
+        file = source / rel
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            raise DataError(f"{file}: cannot read ({exc.strerror})") from None
+    return data
 
 
 def load_splits(cfg: DataConfig, progress: Progress | None = None,
@@ -119,7 +162,7 @@ def load_splits(cfg: DataConfig, progress: Progress | None = None,
 
     frame, files = scan_source(cfg)
     source = Path(cfg.source).expanduser()
-    mask_of = source_masks(cfg, files, source)
+    mask_of = source_masks(cfg, files, source, frame)
     train_pool = frame[frame["split"] != "test"]
     train_pool = stratified_subset(train_pool, cfg.max_train_images, cfg.seed)
     test = stratified_subset(frame[frame["split"] == "test"], cfg.max_test_images, cfg.seed)
@@ -129,14 +172,7 @@ def load_splits(cfg: DataConfig, progress: Progress | None = None,
         rows = splits[name] if name in include else splits[name].iloc[:0]
         items = []
         for rel in rows["path"]:
-            data = files.get(rel)
-            if data is None:
-                file = source / rel
-                try:
-                    data = file.read_bytes()
-                except OSError as exc:
-                    raise DataError(f"{file}: cannot read ({exc.strerror})") from None
-            items.append((f"{source}/{rel}", data))
+            items.append((f"{source}/{rel}", _read(source, rel, files)))
         with_masks = mask_of is not None and name == "test"
         if rows.empty:
             shape = (0, cfg.channels, cfg.image_size, cfg.image_size)
@@ -156,8 +192,8 @@ def load_splits(cfg: DataConfig, progress: Progress | None = None,
                 mask_rel = mask_of.get(rel)  # normal images have none: zeros
                 if mask_rel is not None:
                     masks[i] = torch.from_numpy(decode_mask(
-                        files[mask_rel], f"{source}/{mask_rel}", cfg.image_size,
-                        items[i][0], (int(sizes[i, 0]), int(sizes[i, 1]))))
+                        _read(source, mask_rel, files), f"{source}/{mask_rel}",
+                        cfg.image_size, items[i][0], (int(sizes[i, 0]), int(sizes[i, 1]))))
         return ImageSet(images, (~rows["is_normal"].to_numpy()).astype(int),
                         list(rows["path"]), list(rows["label"]), masks)
 

@@ -28,9 +28,10 @@ import pandas as pd
 from components.config import DataConfig, ValidateConfig
 from components.data.images import sha256_hex
 from components.data.manifest import (
-    MANIFEST_COLUMNS,
     MANIFEST_NAME,
     NORMAL_LABEL,
+    OPTIONAL_COLUMNS,
+    REQUIRED_COLUMNS,
     SPLITS,
     manifest_decoded,
 )
@@ -117,14 +118,17 @@ def _load_manifest(dataset: Path) -> pd.DataFrame:
                 "label": str,
                 "split": str,
                 "source": str,
+                "mask": str,
                 "is_normal": str,
             },
         )
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"{path}: not a readable CSV manifest ({exc})") from None
-    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing columns {', '.join(missing)}")
+    for column, default in OPTIONAL_COLUMNS.items():
+        frame[column] = frame[column].fillna(default) if column in frame else default
     flags = frame["is_normal"].str.strip().str.lower()
     frame["is_normal"] = flags.map({"true": True, "1": True, "false": False, "0": False})
     for column in ("width", "height", "channels"):

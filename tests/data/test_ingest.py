@@ -157,8 +157,6 @@ def test_industrial_layout_trains_on_good_images_only(tmp_path, target):
         (tmp_path / "mvtec" / folder).mkdir(parents=True)
         for i in range(n):
             (tmp_path / "mvtec" / folder / f"{i:03d}.png").write_bytes(_png(rng))
-    (tmp_path / "mvtec" / "ground_truth" / "scratch").mkdir(parents=True)  # masks: ignored
-    (tmp_path / "mvtec" / "ground_truth" / "scratch" / "000_mask.png").write_bytes(_png(rng))
     data_cfg = DataConfig(layout="industrial", anomalous_class=None, val_fraction=0.25)
     ingest(str(tmp_path / "mvtec"), CFG, data_cfg, target=target)
     frame = read_manifest(target)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -152,3 +153,79 @@ def test_a_badly_named_mask_is_an_error(tmp_path, synth, tiny_params) -> None:
         folder / "ground_truth" / DEFECT / "0000.png")
     with pytest.raises(DataError, match=r"0000\.png: not a mask name"):
         _load(tiny_params, folder)
+
+
+# --- masks through `nestad ingest`: stored with the images, read back through the manifest
+
+
+def _ingest(tiny_params, source: Path, target: Path):
+    from components.config import IngestConfig
+    from components.data.ingest import ingest
+
+    cfg = tiny_params(data={"source": str(source), "layout": "industrial",
+                            "anomalous_class": None}).data
+    return ingest(str(source), IngestConfig(workers=1), cfg, target=target), cfg
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar.gz"])
+def test_ingest_stores_the_masks_and_training_reads_the_same_ones_back(
+    tmp_path, synth, tiny_params, kind
+) -> None:
+    folder = _write_with_masks(tmp_path / "mvtec", synth)
+    source = folder if kind == "folder" else synth.pack(folder, kind)
+    report, cfg = _ingest(tiny_params, source, tmp_path / "data" / "parts")
+    assert report.masks == 4
+    manifest = pd.read_csv(tmp_path / "data" / "parts" / "manifest.csv", keep_default_na=False)
+    defects = manifest[manifest["label"] == DEFECT]
+    assert (defects["mask"].str.match(r"masks/[0-9a-f]{2}/[0-9a-f]{64}\.png$")).all()
+    assert (manifest.loc[manifest["label"] != DEFECT, "mask"] == "").all()
+    for mask in defects["mask"]:
+        assert (tmp_path / "data" / "parts" / mask).is_file()
+
+    stored = load_splits(cfg.model_copy(update={"source": str(tmp_path / "data" / "parts"),
+                                                "layout": "manifest"})).test
+    assert stored.masks is not None and tuple(stored.masks.shape) == (8, 16, 16)
+    origin = manifest.set_index("path")["source"]
+    for i, path in enumerate(stored.paths):  # the stored image's own mask, in place
+        where = origin[path]
+        rel = f"test/{DEFECT}/{Path(where).name}" if f"/{DEFECT}/" in where else "test/good/x"
+        np.testing.assert_array_equal(stored.masks[i].numpy(), _expected(rel), err_msg=where)
+    assert int(stored.masks.sum()) > 0
+
+
+def test_ingest_refuses_incomplete_masks_before_writing_anything(
+    tmp_path, synth, tiny_params
+) -> None:
+    folder = _write_with_masks(tmp_path / "mvtec", synth)
+    (folder / "ground_truth" / DEFECT / "0003_mask.png").unlink()
+    target = tmp_path / "data" / "parts"
+    with pytest.raises(DataError, match=rf"test/{DEFECT}/0003\.png: defect image has no mask"):
+        _ingest(tiny_params, folder, target)
+    assert not target.exists()
+
+
+def test_ingest_refuses_a_mask_of_another_size_and_keeps_the_previous_version(
+    tmp_path, synth, tiny_params
+) -> None:
+    folder = _write_with_masks(tmp_path / "mvtec", synth)
+    target = tmp_path / "data" / "parts"
+    _ingest(tiny_params, folder, target)
+    before = (target / "manifest.csv").read_bytes()
+    synth.write_images(folder / "test" / DEFECT, "blob", 1, size=16, defect=True, start=50)
+    Image.fromarray(np.zeros((3, 3), np.uint8)).save(
+        folder / "ground_truth" / DEFECT / "0050_mask.png")
+    with pytest.raises(DataError, match=r"0050_mask\.png: mask is 3x3 but its image"):
+        _ingest(tiny_params, folder, target)
+    assert (target / "manifest.csv").read_bytes() == before
+
+
+def test_a_manifest_without_a_mask_column_still_loads_without_masks(
+    tmp_path, synth, tiny_params
+) -> None:
+    folder = _write_with_masks(tmp_path / "mvtec", synth)
+    _, cfg = _ingest(tiny_params, folder, tmp_path / "data" / "parts")
+    manifest = tmp_path / "data" / "parts" / "manifest.csv"
+    pd.read_csv(manifest).drop(columns=["mask"]).to_csv(manifest, index=False)  # older nestad
+    splits = load_splits(cfg.model_copy(update={"source": str(manifest.parent),
+                                                "layout": "manifest"}))
+    assert splits.test.masks is None and len(splits.test) == 8
