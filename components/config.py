@@ -36,6 +36,8 @@ class DataConfig(_Section):
     max_test_images: int | None = Field(None, ge=1)
     min_image_size: int = Field(8, ge=1)
     decode_workers: int = Field(2, ge=1, le=64)
+    # identical images in two splits or under two labels: an error (fail) or a warning (warn)
+    duplicates: Literal["fail", "warn"] = "fail"
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
