@@ -91,6 +91,9 @@ def ingest_command(
     typer.echo(f"dataset {report.dataset}: {totals}" + ("" if report.changed else " (unchanged)"))
     for line in report.conflicts[:5]:
         console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    if len(report.conflicts) > 5:
+        console.print(f"[yellow]warning:[/] {len(report.conflicts) - 5:,} more identical copies "
+                      f"(the manifest's copies column names them all)", highlight=False)
     if report.skipped:
         console.print(
             f"[yellow]warning:[/] skipped {len(report.skipped)} undecodable images, e.g. "

@@ -40,7 +40,23 @@ from typing import Any
 import pandas as pd
 
 from components.config import DataConfig, IngestConfig
-from components.data.images import ImageProbe, Progress, decode_mask, sha256_hex
+from components.data.duplicates import (
+    COPIES_COLUMN,
+    DuplicateFinding,
+    ImageCopy,
+    apply_policy,
+    classify,
+    decode_copies,
+    encode_copies,
+)
+from components.data.images import (
+    ImageProbe,
+    ImageRules,
+    Progress,
+    decode_mask,
+    image_rules,
+    sha256_hex,
+)
 from components.data.layout import (
     LayoutRecord,
     assign_split,
@@ -78,7 +94,7 @@ class IngestReport:
     totals: dict[str, int]  # images per split in the dataset now
     seen: int  # images read from the source
     duplicates: int  # source images whose bytes were already stored or repeated
-    conflicts: tuple[str, ...]  # duplicates labelled differently from the kept copy
+    conflicts: tuple[str, ...]  # warnings naming identical copies (data.duplicates)
     skipped: tuple[str, ...]  # undecodable images left out (on_bad_image=skip)
     changed: bool
     seconds: float
@@ -99,7 +115,8 @@ class _Found:
 
 def _pick(copies: list[tuple[LayoutRecord, str]]) -> tuple[LayoutRecord, str]:
     """Which copy of a duplicated image counts: anomalous before normal, then test before
-    train, then by path -- so a doubtful image never lands in train or val."""
+    train, then by path -- so a doubtful image never lands in train or val (the rule of
+    ``components.data.duplicates.pick_copy``)."""
     return min(copies, key=lambda c: (c[0].is_normal, c[0].partition != "test", c[0].path))
 
 
@@ -251,17 +268,14 @@ def _ingest_locked(
             f"{target}: was ingested with {changed_keys}; a dataset keeps one split "
             "protocol, so ingest into another ingest.name or restore those values"
         )
-    known = dict(
-        zip(
-            existing["sha256"],
-            zip(existing["label"], existing["is_normal"], existing["path"], strict=True),
-            strict=True,
-        )
-    )
+    known = set(existing["sha256"])
     staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
-        found, duplicates, conflicts = _stream(src, located, known, staging, cfg, progress)
+        found, duplicates, again = _stream(src, located, known, staging, cfg, progress,
+                                           image_rules(data_cfg))
+        copies, added_copies, warnings = _judge_copies(found, again, existing, data_cfg,
+                                                       source_name)
         skipped = tuple(
             f"{src.uri}/{f.copies[0][1]}: {f.probe.error}"
             for f in found.values()
@@ -273,11 +287,7 @@ def _ingest_locked(
             if probe is None or probe.error is not None:
                 continue
             rec, rel = _pick(item.copies)
-            split = (
-                "test"
-                if not rec.is_normal or rec.partition == "test"
-                else assign_split(sha, data_cfg.seed, data_cfg.val_fraction)
-            )
+            split = _split_of(rec, sha, data_cfg)
             rows.append(
                 {
                     "path": image_path(sha, probe.suffix),
@@ -290,19 +300,21 @@ def _ingest_locked(
                     "channels": probe.channels,
                     "source": f"{source_name}/{rel}",
                     "mask": "",
+                    COPIES_COLUMN: encode_copies(copies.get(sha, [])),
                 }
             )
             picked.append(rec)
         stored_masks = _store_masks(src, rows, picked, masks, staging)
-        new = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-        if new.empty:
+        new = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, COPIES_COLUMN])
+        if new.empty and not added_copies:
             shutil.rmtree(staging)
             frame, changed = existing, False
         else:
             previously_decoded = existing.empty or manifest_decoded(target)
             if not existing.empty:
                 _link_tree(target, staging, existing)
-            frame = pd.concat([existing, new], ignore_index=True) if len(existing) else new
+            frame = _with_added_copies(existing, added_copies)
+            frame = pd.concat([frame, new], ignore_index=True) if len(existing) else new
             frame = frame.sort_values("path", ignore_index=True)
             _write_manifest(staging, frame, previously_decoded, protocol)
             _swap(staging, target)
@@ -317,7 +329,7 @@ def _ingest_locked(
         totals=_counts(frame),
         seen=len(located),
         duplicates=duplicates,
-        conflicts=tuple(conflicts[:20]),
+        conflicts=tuple(warnings),
         skipped=skipped,
         changed=changed,
         seconds=time.perf_counter() - started,
@@ -328,17 +340,20 @@ def _ingest_locked(
 def _stream(
     src: _Source,
     located: list[tuple[_Entry, LayoutRecord]],
-    known: dict[str, tuple[str, bool, str]],
+    known: set[str],
     staging: Path,
     cfg: IngestConfig,
     progress: Progress | None,
-) -> tuple[dict[str, _Found], int, list[str]]:
-    """Read every source image once: hash it, and decode + store the ones not yet known."""
+    rules: ImageRules | None = None,
+) -> tuple[dict[str, _Found], int, list[tuple[str, LayoutRecord, str]]]:
+    """Read every source image once: hash it, and decode + store the ones not yet known.
+    Also returns ``(sha256, record, path inside the source)`` of each already stored one."""
     found: dict[str, _Found] = {}
-    duplicates, conflicts = 0, []
+    duplicates = 0
+    again: list[tuple[str, LayoutRecord, str]] = []
     keys: list[str] = []
     batch: list[tuple[str, bytes]] = []
-    decoder = _Decoder(staging, cfg.workers, len(located))
+    decoder = _Decoder(staging, cfg.workers, len(located), rules)  # what training accepts
 
     def settle(results: Iterator[tuple[str, ImageProbe]]) -> None:
         done = 0
@@ -360,11 +375,7 @@ def _stream(
             sha = sha256_hex(data)
             if sha in known:
                 duplicates += 1
-                label, is_normal, path = known[sha]
-                if (label, bool(is_normal)) != (rec.label, rec.is_normal):
-                    conflicts.append(
-                        f"{src.uri}/{entry.where} is already stored as {path} with label {label!r}"
-                    )
+                again.append((sha, rec, entry.where))
                 continue
             if sha in found:
                 duplicates += 1
@@ -381,15 +392,68 @@ def _stream(
         settle(decoder.drain())
     finally:
         decoder.close()
-    for item in found.values():
-        labels = {(rec.label, rec.is_normal) for rec, _ in item.copies}
-        if len(labels) > 1:
-            kept = _pick(item.copies)
-            conflicts.append(
-                f"{src.uri}/{kept[1]} has identical copies labelled "
-                f"{sorted(label for label, _ in labels)}; kept {kept[0].label!r}"
-            )
-    return found, duplicates, conflicts
+    return found, duplicates, again
+
+
+def _split_of(rec: LayoutRecord, sha: str, data_cfg: DataConfig) -> str:
+    if not rec.is_normal or rec.partition == "test":
+        return "test"
+    return assign_split(sha, data_cfg.seed, data_cfg.val_fraction)
+
+
+def _judge_copies(
+    found: dict[str, _Found],
+    again: list[tuple[str, LayoutRecord, str]],
+    existing: pd.DataFrame,
+    data_cfg: DataConfig,
+    source_name: str,
+) -> tuple[dict[str, list[ImageCopy]], dict[str, list[ImageCopy]], list[str]]:
+    """Apply ``data.duplicates`` to identical copies, named as the user gave them: among the
+    source's new images, and against images already stored (the stored row never moves;
+    the same file ingested again, or a copy already recorded, is no finding). Returns the
+    copies not kept per new image and per stored image, and the warning lines."""
+
+    def copy(rec: LayoutRecord, where: str, sha: str) -> ImageCopy:
+        return ImageCopy(f"{source_name}/{where}", rec.label, _split_of(rec, sha, data_cfg),
+                         rec.is_normal)
+
+    findings: list[DuplicateFinding] = []
+    not_kept: dict[str, list[ImageCopy]] = {}
+    for sha, item in found.items():
+        group = [copy(rec, where, sha) for rec, where in item.copies]
+        kept = group[item.copies.index(_pick(item.copies))]  # the copy the row describes
+        not_kept[sha] = [c for c in group if c is not kept]
+        findings += [DuplicateFinding(classify(kept, c), kept, c) for c in not_kept[sha]]
+    stored = existing.drop_duplicates("sha256").set_index("sha256") if again else existing
+    added: dict[str, list[ImageCopy]] = {}
+    for sha, rec, where in again:
+        row = stored.loc[sha]
+        name = row["source"] if isinstance(row["source"], str) and row["source"] else row["path"]
+        kept = ImageCopy(name, row["label"], row["split"], bool(row["is_normal"]))
+        new = copy(rec, where, sha)
+        recorded = {c.name for c in decode_copies(row.get(COPIES_COLUMN), f"{name} (manifest)")}
+        recorded |= {c.name for c in added.get(sha, [])}
+        same_file = name == new.name or (name.endswith(f"/{where}") and kept == ImageCopy(
+            name, new.label, new.split, new.is_normal))
+        if same_file or new.name in recorded:
+            continue
+        findings.append(DuplicateFinding(classify(kept, new), kept, new))
+        added.setdefault(sha, []).append(new)
+    return not_kept, added, apply_policy(findings, data_cfg.duplicates)
+
+
+def _with_added_copies(frame: pd.DataFrame, added: dict[str, list[ImageCopy]]) -> pd.DataFrame:
+    """``frame`` with the copies of stored images found now appended to their rows."""
+    if not added:
+        return frame
+    frame = frame.copy()
+    if COPIES_COLUMN not in frame:
+        frame[COPIES_COLUMN] = ""
+    for i in frame.index[frame["sha256"].isin(list(added))]:
+        where = f"{frame.at[i, 'path']} (manifest)"
+        before = decode_copies(frame.at[i, COPIES_COLUMN], where)
+        frame.at[i, COPIES_COLUMN] = encode_copies(before + added[frame.at[i, "sha256"]])
+    return frame
 
 
 @contextlib.contextmanager
@@ -454,8 +518,11 @@ def _write_manifest(
     dataset: Path, frame: pd.DataFrame, all_decoded: bool, protocol: dict[str, Any]
 ) -> None:
     manifest = dataset / MANIFEST_NAME
+    # The optional copies column is written only when some image has copies (CIFAR-10 has
+    # none: its manifest, and so its DVC hash, stay as they were).
+    extra = COPIES_COLUMN in frame and frame[COPIES_COLUMN].fillna("").astype(str).ne("").any()
     with open(manifest, "w", newline="") as fh:
-        frame[MANIFEST_COLUMNS].to_csv(fh, index=False)
+        frame[[*MANIFEST_COLUMNS, *([COPIES_COLUMN] if extra else [])]].to_csv(fh, index=False)
         fh.flush()
         os.fsync(fh.fileno())
     record = {

@@ -23,6 +23,7 @@ from PIL import Image
 
 from components.config import DataConfig, IngestConfig
 from components.data import ingest as ingestion
+from components.data.duplicates import decode_copies
 from components.data.ingest import ingest
 from components.data.layout import assign_split
 from components.data.manifest import MANIFEST_COLUMNS, read_manifest
@@ -171,13 +172,24 @@ def test_exact_duplicates_are_stored_once_and_doubtful_copies_go_to_test(source,
     image = (source / "train" / "cat" / "0_0.png").read_bytes()
     (source / "train" / "cat" / "copy.png").write_bytes(image)  # same class, same split
     (source / "test" / "bird" / "copy.png").write_bytes(image)  # also labelled anomalous
-    report = ingest(str(source), CFG, DATA_CFG, target=target)
+    with pytest.raises(DataError, match=rf"^{source}/test/bird/copy.png and {source}/train/cat/"
+                                        r"\S+.png: identical bytes under two labels"):
+        ingest(str(source), CFG, DATA_CFG, target=target)  # data.duplicates: fail (default)
+    assert not target.exists()
+    warn = DATA_CFG.model_copy(update={"duplicates": "warn"})
+    report = ingest(str(source), CFG, warn, target=target)
     frame = read_manifest(target)
     assert report.seen == 35 and len(frame) == 33 and report.duplicates == 2
     row = frame.loc[frame.sha256 == _sha(image)].iloc[0]
     assert (row.label, row.is_normal, row.split) == ("bird", False, "test")
-    assert any("copy.png" in c or "0_0.png" in c for c in report.conflicts)
+    assert sorted(c.name for c in decode_copies(row.copies, "row")) == [
+        f"{source}/train/cat/0_0.png", f"{source}/train/cat/copy.png"]
+    assert len(report.conflicts) == 2 and all("under two labels" in c for c in report.conflicts)
     assert len(list((target / "images").rglob("*.png"))) == 33
+    stamp = (target / "manifest.csv").read_bytes()
+    again = ingest(str(source), CFG, warn, target=target)  # the same files: nothing new
+    assert not again.changed and again.conflicts == ()
+    assert (target / "manifest.csv").read_bytes() == stamp
 
 
 # ----------------------------------------------------------------------------------------
