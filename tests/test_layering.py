@@ -16,8 +16,11 @@ COMPONENTS = REPO / "components"
 OWNERS = {"prefect": (), "mlflow": ("registry/",), "dvc": ("data/version.py",)}
 # The layers, lowest first: each may import only itself and those below it. Modules
 # directly in components/ (config, errors, decisions) are the base; runtime (device,
-# precision, threads) sits on data (it prepares image batches) and under the detector.
-LAYERS = ["base", "data", "runtime", "detector", "registry", "pipeline", "cli"]
+# precision, threads) sits on data (it prepares image batches) and under the detector;
+# report (inspection pages) draws the detector's overlays and is used by the pipeline;
+# export (ONNX/OpenVINO graphs) traces the detector; the registry logs its files.
+LAYERS = ["base", "data", "runtime", "detector", "report", "export", "registry", "pipeline",
+          "cli"]
 
 
 def _imported_roots(path: Path) -> set[str]:

@@ -94,6 +94,16 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
+def outline_mask(picture: Image.Image, mask: np.ndarray) -> Image.Image:
+    """The picture with the mask's boundary drawn in ``OUTLINE`` colour; the mask (any
+    nonzero pixel is defect; (H, W) or (1, H, W)) is resized to the picture (nearest)."""
+    binary = Image.fromarray((np.asarray(mask).squeeze() != 0).astype(np.uint8) * 255)
+    edge = _outline(np.asarray(binary.resize(picture.size, Image.Resampling.NEAREST)) > 0)
+    pixels = np.array(picture.convert("RGB"))
+    pixels[edge] = OUTLINE
+    return Image.fromarray(pixels)
+
+
 def _caption(score: float, label: object | None) -> str:
     return f"{score:.3f}" if label is None else f"{label}  {score:.3f}"
 
@@ -132,11 +142,7 @@ def overlay_grid(
     for i in range(count):
         picture = overlay(images[i], maps01[i]).resize((tile, tile), Image.Resampling.BILINEAR)
         if masks is not None:
-            mask = Image.fromarray((np.asarray(masks[i]).squeeze() != 0).astype(np.uint8) * 255)
-            edge = _outline(np.asarray(mask.resize((tile, tile), Image.Resampling.NEAREST)) > 0)
-            pixels = np.array(picture)
-            pixels[edge] = OUTLINE
-            picture = Image.fromarray(pixels)
+            picture = outline_mask(picture, masks[i])
         # Draw each caption in its own cell, so a long one is clipped, not spilled onward.
         tile_cell = Image.new("RGB", (tile, cell), color=(0, 0, 0))
         tile_cell.paste(picture, (0, 0))
