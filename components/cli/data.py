@@ -134,6 +134,11 @@ def validate_command(
         dataset, p.validation, p.data, report_dir=report_dir, workers=p.ingest.workers
     )
     where = f"report: {report.data_docs or report.report_dir / 'validation.json'}"
+    for line in report.warnings[:5]:
+        console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    if len(report.warnings) > 5:
+        console.print(f"[yellow]warning:[/] {len(report.warnings) - 5:,} more identical copies "
+                      "(summary.json lists them all)", highlight=False)
     if report.success:
         train, val, test = (report.counts[s] for s in ("train", "val", "test"))
         typer.secho(

@@ -127,3 +127,32 @@ def decode_copies(cell: Any, where: str) -> list[ImageCopy]:
         raise DataError(f"{where}: unreadable {COPIES_COLUMN} cell {str(cell)[:60]!r} "
                         f"(expected a JSON list of [file, label, split, is_normal]; {exc})"
                         ) from None
+
+
+def _row_copy(row: Any) -> ImageCopy:
+    source = row.get("source")
+    name = source if isinstance(source, str) and source else str(row.get("path"))
+    normal = str(row.get("is_normal")) == "True"  # a Python or numpy bool; NaN is not normal
+    return ImageCopy(name, str(row.get("label")), str(row.get("split")), normal)
+
+
+def manifest_findings(frame: Any) -> list[tuple[Any, DuplicateFinding]]:
+    """Identical copies in a stored dataset (a manifest as a DataFrame), each with the index
+    of the row kept: rows sharing a sha256, and the copies ingestion recorded in the
+    ``copies`` column. A manifest written without that column (before nestad recorded
+    copies) is judged on its rows alone: copies dropped by such an ingestion are unknown."""
+    found: list[tuple[Any, DuplicateFinding]] = []
+    rows = frame[frame["sha256"].notna()]
+    for _, group in rows.groupby("sha256", sort=False):
+        if len(group) > 1:
+            copies = {index: _row_copy(row) for index, row in group.iterrows()}
+            kept = pick_copy(copies.values())
+            at = next(index for index, c in copies.items() if c is kept)
+            found += [(at, DuplicateFinding(classify(kept, c), kept, c))
+                      for c in copies.values() if c is not kept]
+    if COPIES_COLUMN in frame:
+        for index, row in rows[rows[COPIES_COLUMN].notna()].iterrows():
+            kept = _row_copy(row)
+            found += [(index, DuplicateFinding(classify(kept, c), kept, c))
+                      for c in decode_copies(row[COPIES_COLUMN], f"{kept.name} (manifest)")]
+    return found

@@ -19,13 +19,14 @@ import os
 import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from components.config import DataConfig, ValidateConfig
+from components.data.duplicates import manifest_findings
 from components.data.images import sha256_hex
 from components.data.manifest import (
     MANIFEST_NAME,
@@ -40,6 +41,7 @@ from components.errors import DataError, ValidationFailed
 
 log = logging.getLogger(__name__)
 
+CLASH_RULE = "no_identical_copy_in_two_splits_or_labels"
 UNSAFE_PATH = r"^(?:/|\\)|(?:^|[/\\])\.\.(?:[/\\]|$)"  # absolute, or a ".." part
 
 
@@ -84,6 +86,7 @@ class ValidationReport:
     report_dir: Path
     data_docs: Path | None
     seconds: float
+    warnings: tuple[str, ...] = ()  # identical copies: repeats (all under duplicates=warn)
 
     @property
     def failures(self) -> tuple[ExpectationOutcome, ...]:
@@ -216,6 +219,12 @@ def _derive(frame: pd.DataFrame, data_cfg: DataConfig) -> pd.DataFrame:
     else:
         expected_normal = frame["label"] == NORMAL_LABEL
     frame["label_agrees"] = frame["is_normal"] == expected_normal
+    # Examples name the file as the user gave it (the manifest's source), not images/ab/....
+    given = frame["source"].where(frame["source"].fillna("").astype(str) != "", frame["path"])
+    frame["file"] = given.fillna("").astype(str)
+    findings = manifest_findings(frame)
+    frame.attrs["duplicates"] = findings
+    frame["copy_clash"] = frame.index.isin([at for at, f in findings if f.is_error])
     return frame
 
 
@@ -312,6 +321,15 @@ def _suite(frame: pd.DataFrame, cfg: ValidateConfig, data_cfg: DataConfig) -> li
             "no image (sha256) appears twice in train",
             e.ExpectColumnValuesToBeUnique(column="sha256", row_condition=split == "train"),
         ),
+        *(
+            [_rule(
+                CLASH_RULE,
+                "no image has an identical copy in another split or under another label "
+                "(manifest rows and the copies ingestion recorded; data.duplicates: fail)",
+                in_set("copy_clash", [False]),
+            )]
+            if data_cfg.duplicates == "fail" else []
+        ),
         _rule("every_image_decodes", "every image decodes fully", in_set("decodes", [True])),
         _rule(
             "channels_consistent",
@@ -402,7 +420,7 @@ def _run_suite(
             actions=actions,
             result_format={
                 "result_format": "SUMMARY",
-                "unexpected_index_column_names": ["path"],
+                "unexpected_index_column_names": ["path", "file"],
                 "partial_unexpected_count": cfg.examples,
             },
         )
@@ -417,7 +435,7 @@ def _outcome(result: Any, examples: int) -> ExpectationOutcome:
     info = result.exception_info or {}
     error = info.get("exception_message") if info.get("raised_exception") else None
     paths = tuple(
-        str(row.get("path"))
+        str(row.get("file") or row.get("path"))
         for row in detail.get("partial_unexpected_index_list") or []
         if isinstance(row, dict)
     )[:examples]
@@ -463,6 +481,14 @@ def validate_dataset(
             key=lambda o: names.index(o.name) if o.name in names else len(names),
         )
     )
+    findings = [f for _, f in frame.attrs["duplicates"]]
+    pairs = tuple(f.describe() for f in findings if f.is_error)[: cfg.examples]
+    outcomes = tuple(  # name both files of each clash, not only the kept one
+        replace(o, examples=pairs) if o.name == CLASH_RULE and not o.success else o
+        for o in outcomes
+    )
+    errors_fail = data_cfg.duplicates == "fail"
+    warnings = tuple(f.describe() for f in findings if not (f.is_error and errors_fail))
     (report_dir / "validation.json").write_text(
         json.dumps(result.to_json_dict(), indent=1, default=str) + "\n"
     )
@@ -476,6 +502,7 @@ def validate_dataset(
         report_dir=report_dir,
         data_docs=docs if cfg.data_docs and docs.is_file() else None,
         seconds=time.perf_counter() - started,
+        warnings=warnings,
     )
     # summary.json is what training and registration depend on (dvc.yaml): it holds the
     # verdict and nothing run-specific (no timing), so validating unchanged data again

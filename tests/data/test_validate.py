@@ -16,7 +16,7 @@ from PIL import Image
 from components.config import DataConfig, ExpectedCounts, IngestConfig, ValidateConfig
 from components.data.images import sha256_hex
 from components.data.ingest import ingest
-from components.data.validate import validate_dataset
+from components.data.validate import CLASH_RULE, validate_dataset
 from components.errors import ValidationFailed
 
 DATA_CFG = DataConfig(anomalous_class="bird", val_fraction=0.25, seed=1)
@@ -124,9 +124,17 @@ def test_each_row_expectation_fails_naming_exactly_its_offending_files(clean, tm
     def take(split: str, normal: bool) -> int:
         return pools[(split, normal)].pop(0)
 
-    def expect(i: int, *names: str) -> None:
+    def expect(i: int, *names: str) -> None:  # examples name the file the user gave
         for name in names:
-            expected.setdefault(name, set()).add(frame.at[i, "path"])
+            expected.setdefault(name, set()).add(frame.at[i, "source"])
+
+    def copy_of(i: int, stored: str, given: str) -> str:
+        """Row i's bytes again, stored as ``images/<stored>``, ingested from ``given``."""
+        shutil.copy(dataset / frame.at[i, "path"], dataset / "images" / stored)
+        frame.loc[len(frame)] = frame.loc[i]
+        name = str(Path(frame.at[i, "source"]).with_name(given))
+        frame.loc[len(frame) - 1, ["path", "source"]] = [f"images/{stored}", name]
+        return name
 
     i = take("test", False)  # an anomalous image moved into train ...
     frame.loc[i, "split"] = "train"
@@ -135,17 +143,18 @@ def test_each_row_expectation_fails_naming_exactly_its_offending_files(clean, tm
     frame.loc[i, "split"] = "val"
     expect(i, "val_only_normal")
     i = take("train", True)  # the same bytes in train and in val
-    shutil.copy(dataset / frame.at[i, "path"], dataset / "images" / "leak.png")
-    frame.loc[len(frame)] = frame.loc[i]
-    frame.loc[len(frame) - 1, ["path", "split"]] = ["images/leak.png", "val"]
+    leak = copy_of(i, "leak.png", "leak.png")
+    frame.loc[len(frame) - 1, "split"] = "val"
     expect(i, "no_sha256_in_two_splits")
     expect(len(frame) - 1, "no_sha256_in_two_splits")
+    (a, a_split), (b, b_split) = sorted([(frame.at[i, "source"], "train"), (leak, "val")])
+    expected[CLASH_RULE] = {f"{a} and {b}: identical bytes in two splits ({a_split} and "
+                            f"{b_split})"}  # both files named, one offending (kept) row
     i = take("train", True)  # the same bytes twice in train
-    shutil.copy(dataset / frame.at[i, "path"], dataset / "images" / "twice.png")
-    frame.loc[len(frame)] = frame.loc[i]
-    frame.loc[len(frame) - 1, "path"] = "images/twice.png"
+    twice = copy_of(i, "twice.png", "twice.png")
     expect(i, "no_sha256_twice_in_train")
     expect(len(frame) - 1, "no_sha256_twice_in_train")
+    repeat = sorted([frame.at[i, "source"], twice]), frame.at[i, "label"]
     i = take("train", True)  # not an image at all, though the hash matches
     _replace_image(dataset, frame, i, b"\x89PNG\r\n\x1a\n but not really")
     expect(i, "every_image_decodes")
@@ -195,6 +204,9 @@ def test_each_row_expectation_fails_naming_exactly_its_offending_files(clean, tm
         report.raise_for_failures()
     assert all(name in str(excinfo.value) for name in expected)
     assert "leak.png" in str(excinfo.value)
+    (first, second), label = repeat
+    assert report.warnings == (f"{first} and {second}: identical bytes repeated in train "
+                               f"({label!r}); kept once",)
     assert json.loads((tmp_path / "reports" / "validation.json").read_text())["success"] is False
 
 
