@@ -336,11 +336,21 @@ def recompute_batchnorm(net: nn.Module, images: Tensor, cfg: TrainConfig, runtim
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
+    """torch.save to a temporary file, fsync it, then rename over ``path`` and fsync the
+    folder: a killed process (or a power cut) leaves the old file or the new, never half
+    of one (tests/reliability/test_sigkill.py kills it mid-write)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself reaches the disk
+    finally:
+        os.close(fd)
 
 
 def load_state_file(path: Path, fmt: str, what: str, missing: str) -> dict[str, Any]:
