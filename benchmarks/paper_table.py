@@ -58,7 +58,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from components.config import DataConfig, Params, flatten_params, load_params  # noqa: E402
-from components.data.images import decode_images  # noqa: E402
+from components.data.images import decode_images, image_rules  # noqa: E402
 from components.data.layout import assign_split  # noqa: E402
 from components.data.splits import DatasetSplits, ImageSet, scan_source, stratified_subset  # noqa: E402
 from components.detector.evaluate import classification_metrics, evaluate_scores, normalise  # noqa: E402
@@ -216,7 +216,7 @@ def decode_source(cfg: DataConfig, log: Log = _log,
     if cfg.layout != "classes" or not files:
         raise SystemExit(f"{cfg.source}: the paper table needs a raw 'classes' layout source")
     items = [(f"{cfg.source}/{p}", files[p]) for p in frame["path"]]
-    images, _ = decode_images(items, cfg.image_size, cfg.channels, cfg.min_image_size,
+    images, _ = decode_images(items, cfg.image_size, cfg.channels, image_rules(cfg),
                               cfg.decode_workers)
     partition = frame["path"].str.split("/").str[0].to_numpy()  # layout root: train/ test/
     log(f"decoded {len(frame):,} images from {cfg.source} in {time.perf_counter() - t0:.1f} s")

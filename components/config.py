@@ -35,6 +35,9 @@ class DataConfig(_Section):
     max_train_images: int | None = Field(None, ge=1)
     max_test_images: int | None = Field(None, ge=1)
     min_image_size: int = Field(8, ge=1)
+    # width x height, read from the header before decoding (components.data.images):
+    # above the 5-65 MP of common industrial area-scan cameras, below Pillow's bomb error
+    max_image_pixels: int = Field(100_000_000, ge=1)
     decode_workers: int = Field(2, ge=1, le=64)
     # identical images in two splits or under two labels: an error (fail) or a warning (warn)
     duplicates: Literal["fail", "warn"] = "fail"

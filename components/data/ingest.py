@@ -49,7 +49,14 @@ from components.data.duplicates import (
     decode_copies,
     encode_copies,
 )
-from components.data.images import ImageProbe, Progress, decode_mask, sha256_hex
+from components.data.images import (
+    ImageProbe,
+    ImageRules,
+    Progress,
+    decode_mask,
+    image_rules,
+    sha256_hex,
+)
 from components.data.layout import (
     LayoutRecord,
     assign_split,
@@ -265,7 +272,8 @@ def _ingest_locked(
     staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
-        found, duplicates, again = _stream(src, located, known, staging, cfg, progress)
+        found, duplicates, again = _stream(src, located, known, staging, cfg, progress,
+                                           image_rules(data_cfg))
         copies, added_copies, warnings = _judge_copies(found, again, existing, data_cfg,
                                                        source_name)
         skipped = tuple(
@@ -336,7 +344,7 @@ def _stream(
     staging: Path,
     cfg: IngestConfig,
     progress: Progress | None,
-
+    rules: ImageRules | None = None,
 ) -> tuple[dict[str, _Found], int, list[tuple[str, LayoutRecord, str]]]:
     """Read every source image once: hash it, and decode + store the ones not yet known.
     Also returns ``(sha256, record, path inside the source)`` of each already stored one."""
@@ -345,7 +353,7 @@ def _stream(
     again: list[tuple[str, LayoutRecord, str]] = []
     keys: list[str] = []
     batch: list[tuple[str, bytes]] = []
-    decoder = _Decoder(staging, cfg.workers, len(located))
+    decoder = _Decoder(staging, cfg.workers, len(located), rules)  # what training accepts
 
     def settle(results: Iterator[tuple[str, ImageProbe]]) -> None:
         done = 0

@@ -12,7 +12,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from components.data.images import ImageProbe, probe_image
+from components.data.images import ImageProbe, ImageRules, probe_image
 
 IMAGES_DIR = "images"
 _CHUNK = 256  # images per task sent to a decode worker
@@ -40,11 +40,13 @@ def _write_new(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def _probe_and_store(batch: list[tuple[str, bytes]], root: str | None) -> list[ImageProbe]:
-    """Decode each image; write the decodable ones under ``root`` (worker-process safe)."""
+def _probe_and_store(batch: list[tuple[str, bytes]], root: str | None,
+                     rules: ImageRules | None = None) -> list[ImageProbe]:
+    """Decode each image by ``rules``; write the accepted ones under ``root`` (worker-process
+    safe)."""
     probes = []
     for sha, data in batch:
-        probe = probe_image(data)
+        probe = probe_image(data, rules)
         if probe.error is None and root is not None:
             _write_new(os.path.join(root, image_path(sha, probe.suffix)), data)
         probes.append(probe)
@@ -59,8 +61,10 @@ class _Decoder:
     this thread is the process's only one (true for the CLI); else decoding is inline.
     """
 
-    def __init__(self, root: Path | None, workers: int, expected: int) -> None:
+    def __init__(self, root: Path | None, workers: int, expected: int,
+                 rules: ImageRules | None = None) -> None:
         self.root = str(root) if root is not None else None
+        self.rules = rules  # None: the config defaults (components.data.images)
         use_pool = (
             workers > 1
             and expected >= _POOL_MIN_IMAGES
@@ -80,9 +84,11 @@ class _Decoder:
     ) -> Iterator[tuple[Any, ImageProbe]]:
         """Queue one batch; yield results of batches that are done, oldest first."""
         if self.pool is None:
-            self.pending.append((keys, _probe_and_store(batch, self.root)))
+            self.pending.append((keys, _probe_and_store(batch, self.root, self.rules)))
         else:
-            self.pending.append((keys, self.pool.submit(_probe_and_store, batch, self.root)))
+            self.pending.append(
+                (keys, self.pool.submit(_probe_and_store, batch, self.root, self.rules))
+            )
         while len(self.pending) > self.limit or (self.pool is None and self.pending):
             yield from self._pop()
 
@@ -101,11 +107,13 @@ class _Decoder:
 
 
 def probe_images(
-    items: Iterable[tuple[Any, bytes]], workers: int = 2, expected: int = 0
+    items: Iterable[tuple[Any, bytes]], workers: int = 2, expected: int = 0,
+    rules: ImageRules | None = None,
 ) -> Iterator[tuple[Any, ImageProbe]]:
-    """Decode ``(key, bytes)`` items without storing them; yields ``(key, probe)`` in input
-    order. ``expected`` (the item count, if known) decides whether worker processes pay."""
-    decoder = _Decoder(None, workers, expected)
+    """Decode ``(key, bytes)`` items by ``rules`` without storing them; yields ``(key,
+    probe)`` in input order. ``expected`` (the item count, if known) decides whether worker
+    processes pay."""
+    decoder = _Decoder(None, workers, expected, rules)
     try:
         keys: list[Any] = []
         batch: list[tuple[str, bytes]] = []

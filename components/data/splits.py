@@ -18,7 +18,14 @@ import pandas as pd
 
 from components.config import DataConfig
 from components.data.duplicates import ImageCopy, apply_policy, find_duplicates, pick_copy
-from components.data.images import Progress, decode_images, decode_mask, sha256_hex
+from components.data.images import (
+    ImageRules,
+    Progress,
+    decode_images,
+    decode_mask,
+    image_rules,
+    sha256_hex,
+)
 from components.data.layout import (
     IMAGE_SUFFIXES,
     LayoutRecord,
@@ -64,6 +71,7 @@ class DatasetSplits:
     val: ImageSet
     test: ImageSet
     manifest: pd.DataFrame  # MANIFEST_COLUMNS, the rows actually used
+    warnings: tuple[str, ...] = ()  # identical copies in the source (data.duplicates)
 
 
 def stratified_subset(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
@@ -90,8 +98,9 @@ def _build_manifest(files: dict[str, bytes], cfg: DataConfig, source: str) -> pd
         groups.setdefault(sha, []).append((copy, rec))
     # Identical copies: a leak or mislabel fails (data.duplicates), repeats are named.
     findings = find_duplicates([[c for c, _ in group] for group in groups.values()])
-    for line in apply_policy(findings, cfg.duplicates):
-        log.warning("warning: %s", line)
+    warnings = apply_policy(findings, cfg.duplicates)
+    for line in warnings:
+        log.info("%s", line)  # shown by the caller (DatasetSplits.warnings)
     rows = []
     for sha, group in groups.items():
         kept = pick_copy(c for c, _ in group)
@@ -99,7 +108,9 @@ def _build_manifest(files: dict[str, bytes], cfg: DataConfig, source: str) -> pd
         rows.append((rec.path, sha, rec.label, rec.is_normal, kept.split, 0, 0, cfg.channels,
                      source, ""))
     rows.sort(key=lambda row: row[0])
-    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    frame.attrs["warnings"] = tuple(warnings)
+    return frame
 
 
 def scan_source(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, bytes]]:
@@ -152,6 +163,14 @@ def _read(source: Path, rel: str, files: dict[str, bytes]) -> bytes:
     return data
 
 
+def _image_name(source: Path, rel: str, given: object, files: dict[str, bytes]) -> str:
+    """How errors name an image: a stored image (an ingested dataset, read from its folder)
+    by the file the user ingested, then where it is stored; a source's own by its path."""
+    if not files and isinstance(given, str) and given:
+        return f"{given} (stored as {source}/{rel})"
+    return f"{source}/{rel}"
+
+
 def load_splits(cfg: DataConfig, progress: Progress | None = None,
                 include: tuple[str, ...] = SPLITS) -> DatasetSplits:
     """Read, split, subset and decode a source into train/val/test image sets.
@@ -161,6 +180,7 @@ def load_splits(cfg: DataConfig, progress: Progress | None = None,
     import torch
 
     frame, files = scan_source(cfg)
+    warnings = frame.attrs.get("warnings", ())
     source = Path(cfg.source).expanduser()
     mask_of = source_masks(cfg, files, source, frame)
     train_pool = frame[frame["split"] != "test"]
@@ -171,8 +191,8 @@ def load_splits(cfg: DataConfig, progress: Progress | None = None,
     def as_set(name: str) -> ImageSet:
         rows = splits[name] if name in include else splits[name].iloc[:0]
         items = []
-        for rel in rows["path"]:
-            items.append((f"{source}/{rel}", _read(source, rel, files)))
+        for rel, given in zip(rows["path"], rows["source"], strict=True):
+            items.append((_image_name(source, rel, given, files), _read(source, rel, files)))
         with_masks = mask_of is not None and name == "test"
         if rows.empty:
             shape = (0, cfg.channels, cfg.image_size, cfg.image_size)
@@ -180,7 +200,7 @@ def load_splits(cfg: DataConfig, progress: Progress | None = None,
             return ImageSet(torch.zeros(shape, dtype=torch.uint8), np.zeros(0, int), [], [],
                             masks)
         images, sizes = decode_images(items, cfg.image_size, cfg.channels,
-                                      cfg.min_image_size, cfg.decode_workers, progress)
+                                      image_rules(cfg), cfg.decode_workers, progress)
         if (rows["width"] == 0).any():  # raw sources: sizes known only after decoding
             used.loc[rows.index, "width"] = sizes[:, 0]
             used.loc[rows.index, "height"] = sizes[:, 1]
@@ -205,12 +225,14 @@ def load_splits(cfg: DataConfig, progress: Progress | None = None,
     if splits["test"].empty:
         raise DataError(f"{source}: the test split is empty")
     sets = {name: as_set(name) for name in SPLITS}
-    return DatasetSplits(sets["train"], sets["val"], sets["test"], used.reset_index(drop=True))
+    return DatasetSplits(sets["train"], sets["val"], sets["test"], used.reset_index(drop=True),
+                         warnings)
 
 
-def load_images(paths: list[Path], image_size: int, channels: int,
-                workers: int = 2) -> tuple[torch.Tensor, list[str]]:
-    """Decode files, or every image file under folders, for scoring."""
+def load_images(paths: list[Path], image_size: int, channels: int, workers: int = 2,
+                rules: ImageRules | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Decode files, or every image file under folders, for scoring, by the rules training
+    applied (``rules``; default: the config defaults): what it refuses is not scored."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -230,5 +252,5 @@ def load_images(paths: list[Path], image_size: int, channels: int,
             items.append((str(file), file.read_bytes()))
         except OSError as exc:
             raise DataError(f"{file}: cannot read ({exc.strerror})") from None
-    images, _ = decode_images(items, image_size, channels, workers=workers)
+    images, _ = decode_images(items, image_size, channels, rules, workers=workers)
     return images, [n for n, _ in items]

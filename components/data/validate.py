@@ -27,7 +27,7 @@ import pandas as pd
 
 from components.config import DataConfig, ValidateConfig
 from components.data.duplicates import manifest_findings
-from components.data.images import sha256_hex
+from components.data.images import SOURCE_BANDS, ImageRules, sha256_hex
 from components.data.manifest import (
     MANIFEST_NAME,
     NORMAL_LABEL,
@@ -174,10 +174,12 @@ def _read_files(dataset: Path, frame: pd.DataFrame) -> list[bytes | None]:
 
 
 def _image_facts(
-    dataset: Path, frame: pd.DataFrame, verify_files: bool, workers: int
+    dataset: Path, frame: pd.DataFrame, verify_files: bool, workers: int,
+    rules: ImageRules | None = None,
 ) -> pd.DataFrame:
-    """Add ``file_ok`` and ``decodes``; decode here only what ingestion did not vouch for
-    (then width/height/channels are the decoded image's own)."""
+    """Add ``file_ok`` and ``decodes``; decode here only what ingestion did not vouch for,
+    by ``rules`` (then width/height/channels are the decoded image's own; an image refused
+    for its size keeps the size its header gives)."""
     frame = frame.copy()
     vouched = manifest_decoded(dataset)
     frame.attrs["files_checked"] = not (vouched and not verify_files)
@@ -196,10 +198,11 @@ def _image_facts(
     if readable:
         log.info("%s: decoding %d images not decoded at ingestion", dataset, len(readable))
     sizes = frame[["width", "height", "channels"]].to_numpy(dtype=float, copy=True)
-    for i, probe in probe_images(readable, workers=workers, expected=len(readable)):
+    for i, probe in probe_images(readable, workers=workers, expected=len(readable),
+                                 rules=rules):
         decodes[i] = probe.error is None
-        if probe.error is None:
-            sizes[i] = (probe.width, probe.height, probe.channels)
+        if probe.error is None or probe.width:
+            sizes[i] = (probe.width, probe.height, probe.channels or sizes[i][2])
     frame["decodes"] = decodes
     frame[["width", "height", "channels"]] = sizes
     return frame
@@ -214,6 +217,7 @@ def _derive(frame: pd.DataFrame, data_cfg: DataConfig) -> pd.DataFrame:
     frame["count_group"] = pool + "/" + frame["kind"].fillna("unknown")
     frame["n_splits_for_sha"] = frame.groupby("sha256", dropna=False)["split"].transform("nunique")
     frame["path_safe"] = ~frame["path"].fillna("/").str.contains(UNSAFE_PATH, regex=True)
+    frame["pixels"] = frame["width"] * frame["height"]
     if data_cfg.layout == "classes":
         expected_normal = frame["label"] != data_cfg.anomalous_class
     else:
@@ -254,9 +258,10 @@ def _suite(frame: pd.DataFrame, cfg: ValidateConfig, data_cfg: DataConfig) -> li
 
     e = gx.expectations
     split, group = Column("split"), Column("count_group")
-    min_size = cfg.min_size or data_cfg.image_size
-    channels = frame["channels"].mode()
-    majority = [int(channels.iloc[0])] if len(channels) else []
+    # The sizes and band counts training accepts (components.data.images), unless
+    # validation.min_size asks for more.
+    min_size = cfg.min_size or data_cfg.min_image_size
+    size_rule = "validation.min_size" if cfg.min_size else "data.min_image_size"
 
     def in_set(column: str, values: list[Any], where: Any = None) -> Any:
         return e.ExpectColumnValuesToBeInSet(column=column, value_set=values, row_condition=where)
@@ -332,17 +337,23 @@ def _suite(frame: pd.DataFrame, cfg: ValidateConfig, data_cfg: DataConfig) -> li
         ),
         _rule("every_image_decodes", "every image decodes fully", in_set("decodes", [True])),
         _rule(
-            "channels_consistent",
-            f"every image has the same channel count ({majority})",
-            in_set("channels", majority),
+            "channels_convertible",
+            f"every image is grey, grey + alpha, RGB or RGBA/CMYK ({len(SOURCE_BANDS)} or "
+            f"fewer bands), which training converts to data.channels={data_cfg.channels}",
+            in_set("channels", list(SOURCE_BANDS)),
         ),
         *(
             _rule(
                 f"{side}_at_least_min",
-                f"{side} is at least {min_size} (the model input)",
+                f"{side} is at least {min_size} ({size_rule})",
                 e.ExpectColumnValuesToBeBetween(column=side, min_value=min_size),
             )
             for side in ("width", "height")
+        ),
+        _rule(
+            "pixels_at_most_max",
+            f"width x height is at most {data_cfg.max_image_pixels:,} (data.max_image_pixels)",
+            e.ExpectColumnValuesToBeBetween(column="pixels", max_value=data_cfg.max_image_pixels),
         ),
     ]
     if frame.attrs.get("files_checked", True):
@@ -469,7 +480,9 @@ def validate_dataset(
     started = time.perf_counter()
     dataset = Path(dataset).absolute()
     report_dir = Path(report_dir if report_dir is not None else cfg.report_dir).absolute()
-    frame = _image_facts(dataset, _load_manifest(dataset), cfg.verify_files, workers)
+    # Sizes are expectations of their own (below); the decode itself bounds memory.
+    rules = ImageRules(min_size=1, max_pixels=data_cfg.max_image_pixels)
+    frame = _image_facts(dataset, _load_manifest(dataset), cfg.verify_files, workers, rules)
     frame = _derive(frame, data_cfg)
     report_dir.mkdir(parents=True, exist_ok=True)
     expectations = _suite(frame, cfg, data_cfg)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import ModelConfig
+from components.data.images import ImageRules, image_rules
 from components.detector.evaluate import NormStats
 from components.detector.networks import build_networks
 from components.detector.score import AnomalyDetector, MapSettings
@@ -40,8 +41,11 @@ def save_detector(
     threshold: str,
     provenance: dict[str, Any] | None = None,
     disc_image_size: int | None = None,
+    rules: ImageRules | None = None,
 ) -> None:
-    """Write the model file atomically; the statistics also sit in the detector's buffers."""
+    """Write the model file atomically; the statistics also sit in the detector's buffers.
+    ``rules``: the image rules training applied (default: the config's defaults), which
+    ``nestad score`` and the REST scorer apply to what they score."""
     detector.set_statistics(norm.score_min, norm.score_max, norm.threshold(threshold))
     save_atomic(
         {
@@ -56,6 +60,7 @@ def save_detector(
             "norm": asdict(norm),
             "state_dict": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
             "provenance": provenance or {},
+            "image_rules": asdict(rules or image_rules()),
         },
         path,
     )
@@ -82,4 +87,9 @@ def load_detector(path: Path) -> tuple[AnomalyDetector, dict[str, Any]]:
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ModelFileError(f"{path}: incompatible model file ({exc})") from None
     meta["norm"] = NormStats(**meta["norm"])
+    stored = meta.get("image_rules")  # files written before it was stored: the defaults
+    try:
+        meta["image_rules"] = ImageRules(**stored) if stored else image_rules()
+    except TypeError as exc:
+        raise ModelFileError(f"{path}: incompatible model file (image_rules: {exc})") from None
     return detector.eval(), meta

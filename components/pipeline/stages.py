@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from components.config import Params
-from components.data.images import to_model_input
+from components.data.images import image_rules, to_model_input
 from components.data.splits import DatasetSplits, load_images, load_splits
 from components.detector.evaluate import (
     EvaluationReport,
@@ -134,7 +134,7 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
                   report.norm, cfg.threshold,
                   provenance={"checkpoint_epoch": state["epoch"],
                               "data_source": params.data.source},
-                  disc_image_size=crop)
+                  disc_image_size=crop, rules=image_rules(params.data))
     write_metrics(report, out / "metrics.json")
     normed = normalise(test.score, report.norm.score_min, report.norm.score_max, clip=False)
     threshold = report.norm.threshold(cfg.threshold)
@@ -203,7 +203,8 @@ def score_paths(model: Path, paths: list[Path], out_csv: Path | None,
     norm = meta["norm"]
     if threshold:
         detector.threshold.fill_(norm.threshold(threshold))
-    images, names = load_images(paths, meta["image_size"], meta["channels"])
+    rules = meta["image_rules"]  # training's: what it refused is not scored
+    images, names = load_images(paths, meta["image_size"], meta["channels"], rules=rules)
     if maps_dir is not None:
         maps_dir.mkdir(parents=True, exist_ok=True)
     stems: dict[str, int] = {}
@@ -223,7 +224,7 @@ def score_paths(model: Path, paths: list[Path], out_csv: Path | None,
                     data = Path(name).read_bytes()
                 except OSError as exc:
                     raise DataError(f"{name}: cannot read ({exc.strerror})") from None
-                source = decode_image_original(data, name, 3)  # (H, W, 3), as the file is
+                source = decode_image_original(data, name, 3, rules)  # (H, W, 3), upright
                 full = upsample_maps(maps01[i : i + 1], source.shape[:2])[0, 0].numpy()
                 stem = Path(name).stem
                 stems[stem] = stems.get(stem, 0) + 1

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from components.data.images import decode_image, to_model_input
+from components.data.images import ImageRules, decode_image, to_model_input
 from components.detector.overlay import overlay, png_base64
 from components.detector.score import AnomalyDetector
 from components.errors import DataError
@@ -73,8 +73,11 @@ def _row_bytes(row: int, path: str | None, b64: str | None) -> tuple[str, bytes]
         raise DataError(f"request row {row}: cannot read {file} ({exc.strerror})") from None
 
 
-def request_images(frame: pd.DataFrame, image_size: int, channels: int) -> torch.Tensor:
-    """Decode a request's rows into uint8 images (N, C, H, W), as evaluation decodes them."""
+def request_images(frame: pd.DataFrame, image_size: int, channels: int,
+                   rules: ImageRules | None = None) -> torch.Tensor:
+    """Decode a request's rows into uint8 images (N, C, H, W), as evaluation decodes them
+    and by its ``rules`` (default: the config defaults): sizes are checked from each
+    image's header before it is decoded."""
     unknown = [c for c in frame.columns if c not in INPUT_COLUMNS]
     if unknown or not any(c in frame.columns for c in INPUT_COLUMNS):
         raise DataError(
@@ -86,7 +89,7 @@ def request_images(frame: pd.DataFrame, image_size: int, channels: int) -> torch
     out = np.empty((len(frame), image_size, image_size, channels), dtype=np.uint8)
     for i, (path, b64) in enumerate(zip(paths, blobs, strict=True)):
         name, data = _row_bytes(i, _cell(path), _cell(b64))
-        out[i], _ = decode_image(data, name, image_size, channels)
+        out[i], _ = decode_image(data, name, image_size, channels, rules)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
 
 
@@ -106,7 +109,7 @@ def score_request(
     """
     if threshold is not None and threshold not in THRESHOLDS:
         raise DataError(f"threshold {threshold!r}: expected one of {', '.join(THRESHOLDS)}")
-    images = request_images(frame, meta["image_size"], meta["channels"])
+    images = request_images(frame, meta["image_size"], meta["channels"], meta.get("image_rules"))
     cut = meta["norm"].threshold(threshold or meta["threshold"])
     scores, normed, pictures = [], [], []
     for start in range(0, len(images), batch_size):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.data.images import decode_image, decode_image_original
+from components.data.images import ImageRules, decode_image, decode_image_original
 from components.errors import DataError
 
 
@@ -40,4 +40,4 @@ def test_original_size_decode_errors_name_the_file(synth) -> None:
     with pytest.raises(DataError, match="x.png: unreadable or truncated"):
         decode_image_original(data[:60], "x.png", 3)
     with pytest.raises(DataError, match="smaller than the allowed minimum 64x64"):
-        decode_image_original(data, "x.png", 3, min_size=64)
+        decode_image_original(data, "x.png", 3, ImageRules(min_size=64, max_pixels=10**8))

@@ -80,9 +80,10 @@ def test_a_clean_dataset_passes_every_expectation_and_writes_reports(clean, tmp_
         "no_sha256_twice_in_train",
         "every_image_decodes",
         "files_match_sha256",
-        "channels_consistent",
+        "channels_convertible",
         "width_at_least_min",
         "height_at_least_min",
+        "pixels_at_most_max",
         "labels_declared",
         "normal_flag_matches_label",
         "count_train_val_normal",
@@ -164,12 +165,20 @@ def test_each_row_expectation_fails_naming_exactly_its_offending_files(clean, tm
     i = take("test", False)  # deleted
     (dataset / frame.at[i, "path"]).unlink()
     expect(i, "files_match_sha256", "every_image_decodes")
-    i = take("train", True)  # one grey image among RGB ones
-    _replace_image(dataset, frame, i, _png(5, mode="L"))
-    expect(i, "channels_consistent")
-    i = take("test", False)  # smaller than the model input
-    _replace_image(dataset, frame, i, _png(6, size=8))
+    # Grey, palette and CMYK images among RGB ones, and one smaller than the model input
+    # (16 < data.image_size=32, >= data.min_image_size=8): training converts and resizes
+    # them, so validation accepts them (no expectation flags these rows).
+    for mode, fmt, seed in (("L", "PNG", 5), ("P", "PNG", 7), ("CMYK", "TIFF", 9)):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(_png(seed))).convert(mode).save(buf, fmt)
+        _replace_image(dataset, frame, take("train", True), buf.getvalue())
+    _replace_image(dataset, frame, take("test", True), _png(4, size=16))
+    i = take("test", False)  # smaller than data.min_image_size: training refuses it
+    _replace_image(dataset, frame, i, _png(6, size=4))
     expect(i, "width_at_least_min", "height_at_least_min")
+    i = take("test", False)  # more pixels than data.max_image_pixels (1,600 below)
+    _replace_image(dataset, frame, i, _png(8, size=48))
+    expect(i, "pixels_at_most_max", "every_image_decodes")  # refused before decoding
     i = take("train", True)  # a label nobody declared
     frame.loc[i, "label"] = "zebra"
     expect(i, "labels_declared")
@@ -188,7 +197,8 @@ def test_each_row_expectation_fails_naming_exactly_its_offending_files(clean, tm
     frame.to_csv(dataset / "manifest.csv", index=False)
 
     cfg = _cfg(clean, expected_counts=ExpectedCounts(), examples=20)
-    report = validate_dataset(dataset, cfg, DATA_CFG, report_dir=tmp_path / "reports")
+    data_cfg = DATA_CFG.model_copy(update={"max_image_pixels": 1600})  # 40 x 40
+    report = validate_dataset(dataset, cfg, data_cfg, report_dir=tmp_path / "reports")
 
     assert not report.success
     failures = {o.name: o for o in report.failures}
