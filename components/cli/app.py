@@ -82,6 +82,8 @@ def train(
     evaluate: Annotated[bool, typer.Option(help="Evaluate right after training.")] = False,
 ) -> None:
     """Train on normal images; keep the epoch chosen on validation normals."""
+    from rich.markup import escape as _escape
+
     from components.data.splits import load_splits
     from components.detector.evaluate import require_both_classes
     from components.pipeline.stages import evaluate_stage, train_stage
@@ -95,6 +97,9 @@ def train(
         task = bar.add_task("decoding images", total=None, info="")
         include = ("train", "val", "test") if evaluate else ("train", "val")
         splits = load_splits(cfg.data, progress=lambda n: bar.advance(task, n), include=include)
+        for line in splits.warnings:  # identical copies kept once (data.duplicates)
+            console.print(f"[yellow]warning:[/] {_escape(line)}", highlight=False,
+                          soft_wrap=True)
         if evaluate:  # refused before training writes anything to the run folder
             require_both_classes(splits.test.is_anomaly, cfg.data)
         bar.update(task, total=bar.tasks[task].completed)
