@@ -18,7 +18,14 @@ import pandas as pd
 
 from components.config import DataConfig
 from components.data.duplicates import ImageCopy, apply_policy, find_duplicates, pick_copy
-from components.data.images import Progress, decode_images, decode_mask, sha256_hex
+from components.data.images import (
+    ImageRules,
+    Progress,
+    decode_images,
+    decode_mask,
+    image_rules,
+    sha256_hex,
+)
 from components.data.layout import (
     IMAGE_SUFFIXES,
     LayoutRecord,
@@ -156,6 +163,14 @@ def _read(source: Path, rel: str, files: dict[str, bytes]) -> bytes:
     return data
 
 
+def _image_name(source: Path, rel: str, given: object, files: dict[str, bytes]) -> str:
+    """How errors name an image: a stored image (an ingested dataset, read from its folder)
+    by the file the user ingested, then where it is stored; a source's own by its path."""
+    if not files and isinstance(given, str) and given:
+        return f"{given} (stored as {source}/{rel})"
+    return f"{source}/{rel}"
+
+
 def load_splits(cfg: DataConfig, progress: Progress | None = None,
                 include: tuple[str, ...] = SPLITS) -> DatasetSplits:
     """Read, split, subset and decode a source into train/val/test image sets.
@@ -176,8 +191,8 @@ def load_splits(cfg: DataConfig, progress: Progress | None = None,
     def as_set(name: str) -> ImageSet:
         rows = splits[name] if name in include else splits[name].iloc[:0]
         items = []
-        for rel in rows["path"]:
-            items.append((f"{source}/{rel}", _read(source, rel, files)))
+        for rel, given in zip(rows["path"], rows["source"], strict=True):
+            items.append((_image_name(source, rel, given, files), _read(source, rel, files)))
         with_masks = mask_of is not None and name == "test"
         if rows.empty:
             shape = (0, cfg.channels, cfg.image_size, cfg.image_size)
@@ -185,7 +200,7 @@ def load_splits(cfg: DataConfig, progress: Progress | None = None,
             return ImageSet(torch.zeros(shape, dtype=torch.uint8), np.zeros(0, int), [], [],
                             masks)
         images, sizes = decode_images(items, cfg.image_size, cfg.channels,
-                                      cfg.min_image_size, cfg.decode_workers, progress)
+                                      image_rules(cfg), cfg.decode_workers, progress)
         if (rows["width"] == 0).any():  # raw sources: sizes known only after decoding
             used.loc[rows.index, "width"] = sizes[:, 0]
             used.loc[rows.index, "height"] = sizes[:, 1]
@@ -214,9 +229,10 @@ def load_splits(cfg: DataConfig, progress: Progress | None = None,
                          warnings)
 
 
-def load_images(paths: list[Path], image_size: int, channels: int,
-                workers: int = 2) -> tuple[torch.Tensor, list[str]]:
-    """Decode files, or every image file under folders, for scoring."""
+def load_images(paths: list[Path], image_size: int, channels: int, workers: int = 2,
+                rules: ImageRules | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Decode files, or every image file under folders, for scoring, by the rules training
+    applied (``rules``; default: the config defaults): what it refuses is not scored."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -236,5 +252,5 @@ def load_images(paths: list[Path], image_size: int, channels: int,
             items.append((str(file), file.read_bytes()))
         except OSError as exc:
             raise DataError(f"{file}: cannot read ({exc.strerror})") from None
-    images, _ = decode_images(items, image_size, channels, workers=workers)
+    images, _ = decode_images(items, image_size, channels, rules, workers=workers)
     return images, [n for n, _ in items]
