@@ -226,8 +226,12 @@ def log_run_folder(
         )
         for name in ("metrics.json", "train_history.json", "test_scores.csv"):
             reg.client.log_artifact(run_id, str(out / name), "reports")
+        if (out / "monitoring_reference.json").is_file():  # what `nestad monitor` compares with
+            reg.client.log_artifact(run_id, str(out / "monitoring_reference.json"), "reports")
         for plot in sorted((out / "plots").glob("*.png")):
             reg.client.log_artifact(run_id, str(plot), "plots")
+        if (out / "report" / "index.html").is_file():  # the inspection page and its pictures
+            reg.client.log_artifacts(run_id, str(out / "report"), "report")
         if validation and Path(validation["file"]).is_file():
             reg.client.log_artifact(run_id, validation["file"], "validation")
         if (reg.root / "dvc.lock").is_file():  # every stage's deps, params and outs hashes

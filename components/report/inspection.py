@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from components.detector.overlay import outline_mask, overlay
+from components.errors import NestadError
 from components.report import figures
 from components.report.html import render
 from components.report.page import Card, Figure, Gallery, InspectionPage, Picture, Table
@@ -253,12 +254,16 @@ def _write_page(folder: Path, page: InspectionPage) -> Path:
     return target
 
 
-def _clear_images(folder: Path) -> None:
-    """Remove the pictures of an earlier report in this folder (names are per index)."""
-    images = folder / IMAGES
-    if images.is_dir():
-        for old in images.glob("*.png"):
+def _prepare(folder: Path) -> None:
+    """Make ``folder/images`` and remove the pictures of an earlier report there (names
+    are per index); ``NestadError`` naming the folder when it cannot be written."""
+    try:
+        (folder / IMAGES).mkdir(parents=True, exist_ok=True)
+        for old in (folder / IMAGES).glob("*.png"):
             old.unlink()
+    except OSError as exc:
+        raise NestadError(f"{folder}: cannot write the report there "
+                          f"({exc.strerror or exc})") from None
 
 
 def write_evaluation_report(folder: Path, scored: ScoredImages, metrics: Mapping[str, Any],
@@ -271,7 +276,7 @@ def write_evaluation_report(folder: Path, scored: ScoredImages, metrics: Mapping
     and data versions. Returns the page's path."""
     if scored.is_anomaly is None or scored.labels is None:
         raise ValueError("an evaluation report needs the test labels")
-    _clear_images(folder)
+    _prepare(folder)
     thresholds, chosen = named_thresholds(metrics["normalisation"],
                                           metrics["leak_free"]["threshold_used"])
     truth = np.asarray(scored.is_anomaly).astype(bool)
@@ -317,7 +322,7 @@ def write_batch_report(folder: Path, scored: ScoredImages, thresholds: Mapping[s
     """``folder/index.html`` for a batch of new images (no labels): the score histogram
     with the thresholds, the images flagged first (up to ``per_group`` per group), the
     model version. Returns the page's path."""
-    _clear_images(folder)
+    _prepare(folder)
     hist = figures.score_histogram(folder / IMAGES / "score_histogram.png",
                                    {"scored images": scored.scores}, thresholds, chosen,
                                    "Scores of the batch")

@@ -103,6 +103,7 @@ def committed(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "outputs/test_scores.csv": "path\n",
             "outputs/metrics.json": "{}",
             "outputs/plots/roc_pr.png": "p",
+            "outputs/report/index.html": "r",
         }
         for rel, text in files.items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)

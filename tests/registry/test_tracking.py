@@ -208,10 +208,12 @@ def test_the_run_holds_params_figures_reports_data_and_code(
 
     artefacts = {
         a.path
-        for folder in ("reports", "plots", "validation", "lineage")
+        for folder in ("reports", "plots", "validation", "lineage", "report")
         for a in client.list_artifacts(version.run_id, folder)
     }
     assert {
+        "report/index.html",  # the inspection page, with its pictures
+        "report/images",
         "reports/metrics.json",
         "reports/train_history.json",
         "reports/test_scores.csv",
