@@ -214,6 +214,19 @@ def register(app: typer.Typer) -> None:
     """Add the flow commands to the ``nestad`` app."""
     app.command("run")(run_cmd)
     app.command("schedule")(schedule_cmd)
+    from components.cli.batch import set_batch_scorer
+
+    set_batch_scorer(_score_in_parallel)  # `nestad score --workers N | s3://...`
+
+
+def _score_in_parallel(sources: list[str], model: Path, output: Path | None,
+                       threshold: str | None, workers: int, address: str | None,
+                       chunk_size: int) -> Any:
+    """The batch scoring flow on Dask (imported only when a parallel score is asked for)."""
+    _prefect_env()
+    from flows.scoring import score_in_parallel
+
+    return score_in_parallel(sources, model, output, threshold, workers, address, chunk_size)
 
 
 _registered: list[bool] = []
