@@ -28,6 +28,16 @@ def _draw_thresholds(ax, thresholds: Mapping[str, float], chosen: str | None) ->
         ax.axvline(value, color=colour, ls=style, lw=width, label=label)
 
 
+def _save(plt, fig, ax, path: Path) -> Path:
+    """Legend right of the axes, then the figure as a PNG at ``path``."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def score_histogram(path: Path, groups: Mapping[str, np.ndarray],
                     thresholds: Mapping[str, float], chosen: str | None = None,
                     title: str = "") -> Path:
@@ -43,12 +53,7 @@ def score_histogram(path: Path, groups: Mapping[str, np.ndarray],
     _draw_thresholds(ax, thresholds, chosen)
     ax.set(xlabel="normalised anomaly score (validation min-max, clipped to [0, 1])",
            ylabel="images", title=title or "Score distribution", xlim=(0.0, 1.0))
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path)
 
 
 def scores_by_type(path: Path, groups: Mapping[str, np.ndarray],
@@ -60,7 +65,7 @@ def scores_by_type(path: Path, groups: Mapping[str, np.ndarray],
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.6))
     rng = np.random.default_rng(0)  # jitter only: the same picture for the same scores
     data = [np.clip(np.asarray(groups[n], dtype=np.float64), 0.0, 1.0) for n in names]
-    ax.boxplot(data, vert=False, widths=0.5, showfliers=False)
+    ax.boxplot(data, orientation="horizontal", widths=0.5, showfliers=False)
     for row, values in enumerate(data, start=1):
         ax.scatter(values, row + rng.uniform(-0.15, 0.15, values.size), s=9, alpha=0.6)
     _draw_thresholds(ax, thresholds, chosen)
@@ -68,9 +73,4 @@ def scores_by_type(path: Path, groups: Mapping[str, np.ndarray],
                                                                                strict=True)])
     ax.set(xlabel="normalised anomaly score (clipped to [0, 1])", xlim=(0.0, 1.0),
            title="Scores per type")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path)
