@@ -106,6 +106,7 @@ def _print_where(project: Any, report: Any) -> None:
     lines += [
         f"metrics:          {project.out / 'metrics.json'}{_figure(project)}",
         f"plots:            {project.out / 'plots'}  (and `dvc plots show` for the losses)",
+        f"report:           {project.out / 'report' / 'index.html'}  (open in a browser)",
         f"Data Docs:        {docs if docs.is_file() else project.report_dir}",
         f"MLflow UI:        {_mlflow_ui(project)}",
         f"Prefect UI:       {_prefect_ui()}",
