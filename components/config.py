@@ -99,6 +99,28 @@ class SyntheticConfig(_Section):
         return self
 
 
+class DistributedConfig(_Section):
+    """Data-parallel training (``nestad train --nproc-per-node N``): torchrun starts the
+    worker processes, DistributedDataParallel trains; ``nproc_per_node: null`` is one
+    process and no launcher. ``train.batch_size`` stays the global batch (each process
+    takes batch_size / (nproc_per_node x nnodes) of it)."""
+
+    nproc_per_node: int | None = Field(None, ge=1, le=1024)  # workers on this node (GPUs)
+    nnodes: int = Field(1, ge=1, le=4096)
+    rdzv_endpoint: str | None = Field(None, pattern=r"^[^\s:]+:[0-9]{1,5}$")  # HOST:PORT
+    rdzv_id: str = Field("nestad", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    max_restarts: int = Field(0, ge=0, le=100)  # group restarts after a failure (resume)
+    sync_batchnorm: bool = False  # CUDA only; default: each process normalises its shard
+    timeout_s: int = Field(1800, ge=10)  # collectives (rank 0 validating, others waiting)
+
+    @model_validator(mode="after")
+    def _check(self) -> DistributedConfig:
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint (HOST:PORT of the "
+                             "rendezvous, the same on every node)")
+        return self
+
+
 class TrainConfig(_Section):
     """Optimisation, precision and checkpoint choice."""
 
@@ -128,11 +150,17 @@ class TrainConfig(_Section):
     w_seg: float = Field(1.0, ge=0.0)  # nested_restore: focal + Dice of the segmentation head
     augment: AugmentConfig = AugmentConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _check_crop(self) -> TrainConfig:
         if self.crop is not None and self.crop % 16:
             raise ValueError(f"crop={self.crop} is not a multiple of 16")
+        dc = self.distributed
+        if dc.nproc_per_node is not None and self.batch_size % (dc.nproc_per_node * dc.nnodes):
+            raise ValueError(f"batch_size={self.batch_size} is the global batch; it must "
+                             f"divide evenly over nproc_per_node x nnodes = "
+                             f"{dc.nproc_per_node * dc.nnodes} processes")
         return self
 
 
@@ -220,6 +248,19 @@ class RegistryConfig(_Section):
     lock_ttl_s: float = Field(300.0, gt=0.0)
 
 
+class ServeConfig(_Section):
+    """``nestad serve``: the REST scorer (MLflow's scoring server behind nestad's limits).
+
+    The limits also apply, with these defaults, when ``mlflow models serve`` serves the
+    model (each row's image is checked before it is decoded; the body itself only by
+    ``nestad serve``, before it is read)."""
+
+    host: str = Field("127.0.0.1", min_length=1)  # loopback unless told otherwise
+    port: int = Field(5000, ge=1, le=65535)
+    max_image_bytes: int = Field(64 * 2**20, ge=1)  # one image file (image_b64 decoded, path)
+    max_request_bytes: int = Field(256 * 2**20, ge=1)  # the HTTP body; the images' total too
+
+
 class PipelineConfig(_Section):
     """What the DVC pipeline (``dvc.yaml``, ``nestad run``) and the retraining flow apply.
 
@@ -233,6 +274,24 @@ class PipelineConfig(_Section):
     # Flows run the stages' `nestad ...` commands in their own interpreter (DVC still
     # decides, caches and records); false: a child process per stage, as `dvc repro` does.
     in_process: bool = True
+
+
+class MonitorConfig(_Section):
+    """``nestad monitor``: the limits past which a batch of incoming images counts as
+    drifted (exit code 3, and a retraining trigger), and where the report goes."""
+
+    # fewer are refused: PSI's noise on like data is about (psi_bins - 1) * (1/n + 1/n_val)
+    min_images: int = Field(100, ge=2)
+    min_ks_pvalue: float = Field(0.01, ge=0.0, le=1.0)  # scores vs validation normals (KS)
+    max_psi: float = Field(0.25, ge=0.0)  # population stability index of the scores
+    psi_bins: int = Field(10, ge=2, le=100)  # quantile bins of the validation normals
+    max_flagged_fraction: float = Field(0.2, ge=0.0, le=1.0)  # share at the model threshold
+    max_brightness_shift: float = Field(20.0, ge=0.0, le=255.0)  # |mean shift|, grey levels
+    max_contrast_change: float = Field(0.3, ge=0.0)  # |relative change of the mean contrast|
+    max_size_mismatch: float = Field(0.05, ge=0.0, le=1.0)  # share of sizes never trained on
+    max_channel_mismatch: float = Field(0.05, ge=0.0, le=1.0)  # share of other band counts
+    report_dir: str = "reports/monitoring"
+    track: bool = True  # log the figures as an MLflow run (registry.* store)
 
 
 class Params(_Section):
@@ -250,6 +309,8 @@ class Params(_Section):
     validation: ValidateConfig = ValidateConfig()
     registry: RegistryConfig = RegistryConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    serve: ServeConfig = ServeConfig()
+    monitor: MonitorConfig = MonitorConfig()
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -235,3 +235,55 @@ def decide_retraining(
 
 def _short(version: str | None) -> str:
     return version[:12] if version else "unknown"
+
+
+# ----------------------------------------------------------------------------------------
+# Monitoring: does a batch of incoming images call for retraining?
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DriftVerdict:
+    """Whether a monitored batch drifted past its limits, and which (``monitor.*`` keys)."""
+
+    retrain: bool
+    exceeded: tuple[str, ...]  # the limits' keys, e.g. ("min_ks_pvalue", "max_psi")
+    reasons: tuple[str, ...]  # one line per exceeded limit, naming figure and limit
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons) if self.reasons else "every figure within its limits"
+
+
+def should_retrain(report: Mapping[str, Any], limits: Any) -> DriftVerdict:
+    """Judge a monitoring report (``components.detector.drift.compare_batch``) against
+    ``limits`` (a ``MonitorConfig``). A figure that is missing or not finite counts as
+    exceeded: a check that could not be made never passes silently."""
+    image = report.get("image", {})
+    checks = [  # (limit key, figure name, value, passes if ...)
+        ("min_ks_pvalue", "score KS p-value", report.get("score", {}).get("ks_pvalue"), ">="),
+        ("max_psi", "score PSI", report.get("score", {}).get("psi"), "<="),
+        ("max_flagged_fraction", "flagged fraction", report.get("flagged", {}).get("fraction"),
+         "<="),
+        ("max_brightness_shift", "|brightness shift|",
+         _abs(image.get("brightness", {}).get("shift")), "<="),
+        ("max_contrast_change", "|contrast change|",
+         _abs(image.get("contrast", {}).get("change")), "<="),
+        ("max_size_mismatch", "size mismatch", image.get("size_mismatch"), "<="),
+        ("max_channel_mismatch", "channel mismatch", image.get("channel_mismatch"), "<="),
+    ]
+    exceeded, reasons = [], []
+    for key, figure, value, passes in checks:
+        limit = float(getattr(limits, key))
+        finite = value is not None and math.isfinite(float(value))
+        ok = finite and (float(value) >= limit if passes == ">=" else float(value) <= limit)
+        if not ok:
+            exceeded.append(key)
+            shown = f"{float(value):.4g}" if finite else "not measured"
+            side = "<" if passes == ">=" else ">"
+            reasons.append(f"{figure} {shown} {side if finite else 'vs'} monitor.{key}={limit:g}")
+    return DriftVerdict(bool(exceeded), tuple(exceeded), tuple(reasons))
+
+
+def _abs(value: Any) -> float | None:
+    return None if value is None else abs(float(value))

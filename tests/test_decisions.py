@@ -1,10 +1,12 @@
-"""The retraining decision: a truth table over model history, data version and counts."""
+"""The retraining decisions: truth tables over model history, data version and counts, and
+over the figures of a monitored batch against the ``monitor.*`` limits."""
 
 from __future__ import annotations
 
 import pytest
 
-from components.decisions import DataState, decide_retraining
+from components.config import MonitorConfig
+from components.decisions import DataState, decide_retraining, should_retrain
 
 OLD, NEW = "a" * 32, "b" * 32
 
@@ -42,3 +44,52 @@ def test_bad_inputs_are_refused():
         decide_retraining(DataState(NEW, 1), None, 0)
     with pytest.raises(ValueError, match="no version"):
         decide_retraining(DataState(None, None), DataState(OLD, 1))
+
+
+# ----------------------------------------------------------------------------------------
+# Monitoring: should_retrain
+# ----------------------------------------------------------------------------------------
+
+LIMITS = MonitorConfig(min_ks_pvalue=0.01, max_psi=0.25, max_flagged_fraction=0.2,
+                       max_brightness_shift=20.0, max_contrast_change=0.3,
+                       max_size_mismatch=0.05, max_channel_mismatch=0.05)
+
+
+def _report(ks_p=0.5, psi=0.05, flagged=0.05, shift=1.0, change=0.0, size=0.0, channels=0.0):
+    return {"score": {"ks_pvalue": ks_p, "psi": psi}, "flagged": {"fraction": flagged},
+            "image": {"brightness": {"shift": shift}, "contrast": {"change": change},
+                      "size_mismatch": size, "channel_mismatch": channels}}
+
+
+@pytest.mark.parametrize(
+    ("figures", "exceeded"),
+    [
+        ({}, ()),  # everything within its limits
+        ({"ks_p": 0.01, "psi": 0.25, "flagged": 0.2, "shift": 20.0}, ()),  # on the limits: ok
+        ({"ks_p": 0.009}, ("min_ks_pvalue",)),
+        ({"psi": 0.26}, ("max_psi",)),
+        ({"flagged": 0.21}, ("max_flagged_fraction",)),
+        ({"shift": 25.0}, ("max_brightness_shift",)),
+        ({"shift": -25.0}, ("max_brightness_shift",)),  # darker counts too
+        ({"change": -0.5}, ("max_contrast_change",)),
+        ({"size": 0.1}, ("max_size_mismatch",)),
+        ({"channels": 1.0}, ("max_channel_mismatch",)),
+        ({"ks_p": 1e-9, "psi": 2.0, "shift": 80.0}, ("min_ks_pvalue", "max_psi",
+                                                     "max_brightness_shift")),
+        ({"psi": float("nan")}, ("max_psi",)),  # not measured: never passes silently
+        ({"ks_p": None}, ("min_ks_pvalue",)),
+    ],
+)
+def test_should_retrain_truth_table(figures, exceeded):
+    verdict = should_retrain(_report(**figures), LIMITS)
+    assert verdict.exceeded == exceeded
+    assert verdict.retrain is bool(exceeded)
+    assert len(verdict.reasons) == len(exceeded)
+    for key, reason in zip(exceeded, verdict.reasons, strict=True):
+        assert f"monitor.{key}=" in reason
+
+
+def test_should_retrain_reason_names_figure_and_limit():
+    verdict = should_retrain(_report(shift=80.0), LIMITS)
+    assert verdict.reason == "|brightness shift| 80 > monitor.max_brightness_shift=20"
+    assert should_retrain(_report(), LIMITS).reason == "every figure within its limits"

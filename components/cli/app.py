@@ -8,6 +8,7 @@ code 2, never a traceback.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -66,6 +67,8 @@ def _print_metrics(report, out: Path) -> None:
                       f"{synthetic['image_auroc']:.4f}  pixel AUROC {synthetic['pixel_auroc']:.4f}")
     if (out / "plots" / "overlays.png").is_file():
         console.print(f"overlays: {out / 'plots' / 'overlays.png'}")
+    if (out / "report" / "index.html").is_file():
+        console.print(f"report:  {out / 'report' / 'index.html'} (open in a browser)")
     console.print(f"metrics: {out / 'metrics.json'}\nplots:   {out / 'plots'}\n"
                   f"model:   {out / 'model' / 'detector.pt'}\nscores:  {out / 'test_scores.csv'}")
 
@@ -80,6 +83,13 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.pt "
                                                  "(none there: a notice, then epoch 1).")] = False,
     evaluate: Annotated[bool, typer.Option(help="Evaluate right after training.")] = False,
+    nproc_per_node: Annotated[int | None, typer.Option(
+        "--nproc-per-node", help="Data-parallel: torchrun starts N processes on this node "
+        "(one per GPU; gloo on CPU); train.batch_size stays the global batch.")] = None,
+    nnodes: Annotated[int | None, typer.Option(
+        "--nnodes", help="Nodes of a multi-node run, each running this command.")] = None,
+    rdzv_endpoint: Annotated[str | None, typer.Option(
+        "--rdzv-endpoint", help="HOST:PORT of the rendezvous, the same on every node.")] = None,
 ) -> None:
     """Train on normal images; keep the epoch chosen on validation normals."""
     from rich.markup import escape as _escape
@@ -88,11 +98,23 @@ def train(
     from components.detector.evaluate import require_both_classes
     from components.pipeline.stages import evaluate_stage, train_stage
 
-    cfg = _params(params, profile, set_)
+    overrides: list = list(set_ or [])  # the launch options are train.distributed keys
+    for flag, key, value in (("--nproc-per-node", "nproc_per_node", nproc_per_node),
+                             ("--nnodes", "nnodes", nnodes),
+                             ("--rdzv-endpoint", "rdzv_endpoint", rdzv_endpoint)):
+        if value is not None:
+            overrides.append((f"{flag} {value}", f"train.distributed.{key}={json.dumps(value)}"))
+    cfg = _params(params, profile, overrides)
     last = out / "checkpoints" / "last.pt"
     if resume and not last.is_file():  # training starts fresh, as fit does without one
         console.print(f"[yellow]notice:[/] --resume: no checkpoint {last}; training starts "
                       "from epoch 1", highlight=False, soft_wrap=True)
+    if cfg.train.distributed.nproc_per_node is not None:  # torchrun, as a subprocess
+        from components.cli.torchrun import train_distributed
+
+        worker_overrides = [o if isinstance(o, str) else o[1] for o in overrides]
+        train_distributed(cfg, params, profile, worker_overrides, out, resume, evaluate)
+        return
     with _progress() as bar:
         task = bar.add_task("decoding images", total=None, info="")
         include = ("train", "val", "test") if evaluate else ("train", "val")
@@ -166,20 +188,46 @@ def score(
                                               "DIR/<stem>_map.png per image, at the source "
                                               "image's size (a repeated stem gets -2, -3...); "
                                               "adds a 'map' column.")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="torch | onnx | openvino: the "
+                                         "detector, or its verified export (--model: an "
+                                         "export folder, or a run folder or registered "
+                                         "model carrying one).")] = "torch",
+    report: Annotated[Path | None, typer.Option("--report", help="Folder for an inspection "
+                                                "report of the batch: DIR/index.html (static; "
+                                                "flagged images first, thresholds drawn).")
+                      ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Score in parallel on a "
+                                                "local Dask cluster of N workers (the batch "
+                                                "scoring flow; an s3:// source implies 2); "
+                                                "adds an 'error' column.")] = None,
+    dask_address: Annotated[str | None, typer.Option("--dask-address", help="Score on an "
+                                                     "existing Dask cluster (tcp://host:8786)."
+                                                     )] = None,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Images per parallel task."
+                                            )] = 64,
 ) -> None:
     """Score images with a saved model: CSV of path, score, normalised_score, is_anomaly
-    (and map, with --maps)."""
+    (and map, with --maps; an HTML inspection report with --report)."""
     import csv
 
     from components.pipeline.stages import score_paths
 
     if threshold not in (None, "fpr", "fixed"):
         raise NestadError(f"--threshold: {threshold!r} is not 'fpr' or 'fixed'")
+    if backend not in ("torch", "onnx", "openvino"):
+        raise NestadError(f"--backend: {backend!r} is not torch, onnx or openvino")
     if str(model).startswith("models:/"):  # registry (params.yaml here): downloaded, cached
         from components.registry.download import resolve_model_uri
 
         model = resolve_model_uri(str(model))
-    rows = score_paths(model, paths, output, threshold=threshold, maps_dir=maps)
+    from components.cli import batch
+
+    if batch.wants_parallel(paths, workers, dask_address):  # s3://, --workers, --dask-address
+        batch.score_batch(paths, model, output, threshold, workers, dask_address, chunk_size,
+                          {"--maps": maps, "--report": report, "--backend": backend != "torch"})
+        return
+    rows = score_paths(model, paths, output, threshold=threshold, maps_dir=maps,
+                       backend=backend, report_dir=report)
     if output is None:
         columns = ["path", "score", "normalised_score", "is_anomaly"] + (["map"] if maps else [])
         writer = csv.DictWriter(sys.stdout, fieldnames=columns)
@@ -188,16 +236,20 @@ def score(
     else:
         flagged = sum(r["is_anomaly"] for r in rows)
         console.print(f"scored {len(rows)} images, {flagged} flagged anomalous -> {output}"
-                      + (f"; maps in {maps}" if maps else ""))
+                      + (f"; maps in {maps}" if maps else "")
+                      + (f"; report {report / 'index.html'}" if report else ""))
 
 
 def _register_extensions() -> None:
     """Commands of other areas (data, registry) register themselves here; the flows' own
     (``run``, ``schedule``) are added by ``flows.cli``, the console script."""
-    from components.cli import data, registry
+    from components.cli import data, monitor, registry
 
-    for module in (data, registry):
+    for module in (data, registry, monitor):
         module.register(app)
+    from components.cli import export
+
+    export.register(app)
     _registered.append(True)
 
 

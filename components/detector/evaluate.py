@@ -188,7 +188,20 @@ def evaluate_scores(
         "test_normal": int((y == 0).sum()),
         "test_anomalous": int((y == 1).sum()),
     }
-    return EvaluationReport(leak_free, paper, norm, counts, checkpoint_epoch)
+    return EvaluationReport(leak_free, paper, norm, counts, checkpoint_epoch,
+                            extra={"thresholds": threshold_table(val_scores, norm, cfg.threshold)})
+
+
+def threshold_table(val_scores: np.ndarray, norm: NormStats, used: str) -> dict[str, Any]:
+    """Each threshold (on the normalised score) and the share of validation normals it
+    flags: its false-positive rate on normal images, measured without any test data."""
+    normed = normalise(val_scores, norm.score_min, norm.score_max)
+    return {
+        "used": used,
+        **{which: {"value": norm.threshold(which),
+                   "validation_normal_fpr": float(np.mean(normed >= norm.threshold(which)))}
+           for which in ("fixed", "fpr")},
+    }
 
 
 def write_metrics(report: EvaluationReport, path: Path) -> None:

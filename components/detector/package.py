@@ -41,9 +41,11 @@ def save_detector(
     threshold: str,
     provenance: dict[str, Any] | None = None,
     disc_image_size: int | None = None,
+    monitoring: dict[str, Any] | None = None,
     rules: ImageRules | None = None,
 ) -> None:
     """Write the model file atomically; the statistics also sit in the detector's buffers.
+    ``monitoring``: the drift reference of ``components.detector.drift`` (plain data).
     ``rules``: the image rules training applied (default: the config's defaults), which
     ``nestad score`` and the REST scorer apply to what they score."""
     detector.set_statistics(norm.score_min, norm.score_max, norm.threshold(threshold))
@@ -60,6 +62,7 @@ def save_detector(
             "norm": asdict(norm),
             "state_dict": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
             "provenance": provenance or {},
+            "monitoring_reference": monitoring or {},
             "image_rules": asdict(rules or image_rules()),
         },
         path,

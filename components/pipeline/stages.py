@@ -10,6 +10,8 @@ thing whichever way it is run. Layout of a run folder ``out``:
     out/plots/*.png                    ROC/PR, score histogram, reconstructions,
                                        overlays.png (highest-scoring test images + maps)
     out/test_scores.csv                one row per test image
+    out/report/index.html              inspection report (static; pictures in report/images/)
+    out/monitoring_reference.json      what ``nestad monitor`` compares new images with
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import torch
 from components.config import Params
 from components.data.images import image_rules, to_model_input
 from components.data.splits import DatasetSplits, load_images, load_splits
+from components.detector.distributed import DistContext
+from components.detector.drift import build_reference
 from components.detector.evaluate import (
     EvaluationReport,
     evaluate_scores,
@@ -44,23 +48,32 @@ from components.detector.synthetic_validation import (
     synthetic_validation_report,
 )
 from components.detector.train import BatchStats, EpochReport, TrainResult, fit, load_checkpoint
+from components.pipeline.reports import batch_report, evaluation_report
 from components.runtime import resolve_runtime
+
+MONITORING_REFERENCE = "monitoring_reference.json"  # beside metrics.json; also in detector.pt
 
 
 def train_stage(params: Params, out: Path, splits: DatasetSplits | None = None,
                 resume: bool = False,
                 on_epoch: Callable[[EpochReport], None] | None = None,
-                on_batch: Callable[[BatchStats], None] | None = None) -> TrainResult:
-    """Train on the normal training images; keep the epoch chosen on validation normals."""
+                on_batch: Callable[[BatchStats], None] | None = None,
+                dist: DistContext | None = None) -> TrainResult:
+    """Train on the normal training images; keep the epoch chosen on validation normals.
+
+    ``dist``: one process of a data-parallel run; rank 0 alone writes the history."""
     splits = splits or load_splits(params.data, include=("train", "val"))
     result = fit(splits.train, splits.val, params.model, params.train, out / "checkpoints",
                  score_weight=params.evaluate.score_weight, resume=resume,
                  on_epoch=on_epoch, on_batch=on_batch,
-                 map_settings=map_settings(params))
+                 map_settings=map_settings(params), dist=dist)
+    if dist is not None and not dist.is_main:
+        return result
     history = {"best_epoch": result.best_epoch, "resumed_from": result.resumed_from,
                "device": str(result.runtime.device),
                "precision": "bf16" if result.runtime.amp_dtype else "fp32",
                "counts": {"train": len(splits.train), "val": len(splits.val)},
+               **({"world_size": dist.world_size} if dist is not None else {}),
                "epochs": [asdict(h) for h in result.history]}
     (out / "train_history.json").write_text(json.dumps(history, indent=2) + "\n")
     return result
@@ -130,12 +143,15 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
             "auroc": pixel_auroc(test.maps, truth), "aupro": aupro(test.maps, truth, 0.3)}
     report.extra["runtime"] = {"device": str(runtime.device),
                                "precision": "bf16" if runtime.amp_dtype else "fp32"}
+    reference = monitoring_reference(splits, val.score, report.norm, cfg.threshold,
+                                     params.data.source)
     save_detector(out / "model" / MODEL_FILE, detector.cpu(), params.model, channels, size,
                   report.norm, cfg.threshold,
                   provenance={"checkpoint_epoch": state["epoch"],
                               "data_source": params.data.source},
-                  disc_image_size=crop, rules=image_rules(params.data))
+                  disc_image_size=crop, monitoring=reference, rules=image_rules(params.data))
     write_metrics(report, out / "metrics.json")
+    (out / MONITORING_REFERENCE).write_text(json.dumps(reference, indent=1) + "\n")
     normed = normalise(test.score, report.norm.score_min, report.norm.score_max, clip=False)
     threshold = report.norm.threshold(cfg.threshold)
     with (out / "test_scores.csv").open("w", newline="") as fh:
@@ -152,7 +168,26 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
     if cfg.overlay_images and len(splits.test):
         write_overlays(out / "plots" / "overlays.png", splits.test, test.score,
                        normalise_maps(test.maps, map_stats), cfg.overlay_images)
+    evaluation_report(params, out, splits.test, test.score, normalise_maps(test.maps, map_stats),
+                      val.score, report)  # out/report/index.html
     return report
+
+
+def monitoring_reference(splits: DatasetSplits, val_scores: np.ndarray, norm, which: str,
+                         source: str) -> dict:
+    """What ``nestad monitor`` compares incoming images with: the validation normals'
+    scores and image statistics, the source sizes and band counts of the normal training
+    images (manifest rows of the train and val splits; sizes unknown there are skipped).
+    Band counts are known only for an ingested dataset (probed at ingestion); a raw
+    folder's manifest holds the configured channels, so none is recorded for it."""
+    from components.data.manifest import MANIFEST_NAME
+
+    rows = splits.manifest[splits.manifest["split"].isin(["train", "val"])]
+    ingested = (Path(source).expanduser() / MANIFEST_NAME).is_file()
+    return build_reference(val_scores, splits.val.images.numpy(),
+                           zip(rows["width"], rows["height"], strict=True),
+                           rows["channels"] if ingested else [],
+                           norm.threshold(which), which)
 
 
 def write_overlays(path: Path, test, scores: np.ndarray, maps01: np.ndarray, n: int) -> None:
@@ -186,23 +221,33 @@ def _grid(detector, test, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def score_paths(model: Path, paths: list[Path], out_csv: Path | None,
                 batch_size: int = 256, threshold: str | None = None,
-                maps_dir: Path | None = None) -> list[dict]:
+                maps_dir: Path | None = None, report_dir: Path | None = None,
+                backend: str = "torch") -> list[dict]:
     """Score image files with a saved model; rows of path, score, normalised, is_anomaly.
 
     With ``maps_dir`` each image's heat-map overlay is written there and its row gains
     ``map`` (the file): the source image at its own size, with the normalised anomaly map
     upsampled bilinearly to that size. Files are ``<stem>_map.png``; a stem seen before (the
     same name in another folder) gets ``<stem>_map-2.png``, ``-3``, ... in row order.
+    With ``report_dir`` an inspection report of the batch is written there (index.html).
+    ``backend`` onnx | openvino scores with the verified export ``find_export`` finds for
+    ``model`` instead of the PyTorch detector: the same rows and columns.
     """
     from components.data.images import decode_image_original
     from components.detector.map_metrics import upsample_maps
     from components.detector.overlay import overlay
     from components.errors import DataError
 
-    detector, meta = load_detector(model)
-    norm = meta["norm"]
-    if threshold:
-        detector.threshold.fill_(norm.threshold(threshold))
+    if backend == "torch":
+        detector, meta = load_detector(model)
+        norm = meta["norm"]
+        if threshold:
+            detector.threshold.fill_(norm.threshold(threshold))
+    else:
+        from components.export.runners import ExportedDetector
+
+        detector = ExportedDetector.load(model, backend, threshold)
+        meta = detector.meta
     rules = meta["image_rules"]  # training's: what it refused is not scored
     images, names = load_images(paths, meta["image_size"], meta["channels"], rules=rules)
     if maps_dir is not None:
@@ -240,4 +285,6 @@ def score_paths(model: Path, paths: list[Path], out_csv: Path | None,
             writer = csv.DictWriter(fh, fieldnames=columns + (["map"] if maps_dir else []))
             writer.writeheader()
             writer.writerows(rows)
+    if report_dir is not None:
+        batch_report(report_dir, detector, meta, model, images, rows, threshold, batch_size)
     return rows
