@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from datetime import UTC, datetime
 from importlib import metadata as dist_metadata
 from pathlib import Path
@@ -39,6 +39,10 @@ def _version(dist: str) -> str | None:
         return dist_metadata.version(dist)
     except dist_metadata.PackageNotFoundError:
         return None
+
+
+def _plain(value: Any) -> Any:
+    return asdict(value) if is_dataclass(value) and not isinstance(value, type) else value
 
 
 def build_metadata(
@@ -85,6 +89,7 @@ def build_metadata(
                        "fixed": norm["threshold_fixed"], "fpr": norm["threshold_fpr"],
                        "target_fpr": norm["target_fpr"]},
         "map_settings": model_meta.get("map_settings", {}),
+        "image_rules": _plain(model_meta.get("image_rules")),  # what scoring must refuse
         "equivalence": equivalence,
         "tools": {dist: _version(dist) for dist in _TOOLS[backend]},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

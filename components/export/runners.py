@@ -34,12 +34,21 @@ def load_runner(folder: Path, backend: str, threads: int | None = None
     return openvino_runner(path, threads), meta
 
 
+def _rules(stored: dict[str, Any] | None) -> Any:
+    """The decoding rules training applied (None: the defaults), as scoring takes them."""
+    if stored is None:
+        return None
+    from components.data.images import ImageRules
+
+    return ImageRules(**stored)
+
+
 class ExportedDetector:
     """An exported graph behind ``AnomalyDetector``'s scoring interface."""
 
     def __init__(self, runner: Runner, meta: dict[str, Any], threshold: str | None = None
                  ) -> None:
-        self.runner, self.meta = runner, meta
+        self.runner, self.meta = runner, {**meta, "image_rules": _rules(meta.get("image_rules"))}
         thresholds = meta["thresholds"]
         # None: the graph's own flag (the model's threshold); fpr | fixed: that threshold
         self.threshold_value = None if threshold is None else float(thresholds[threshold])
