@@ -37,6 +37,8 @@ from components.registry.client import (
     _not_found,
     _retry,
 )
+from components.registry.interrupted import REGISTERING_TAG, unfinished
+from components.registry.liveness import process_ended, process_id
 from components.registry.versions import _actor, _record, _transition
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,8 @@ def promotion_lock(reg: Registry) -> Iterator[None]:
     """Hold the model's promotion lock: a registered model ``<name>.promotion-lock``.
 
     Creating a registered model is atomic in every MLflow store (a unique name), so only
-    one process holds it. A lock older than ``lock_ttl_s`` was abandoned and is taken over.
+    one process holds it. A lock older than ``lock_ttl_s``, or whose holder no longer runs
+    (a process of this machine: ``liveness``), was abandoned and is taken over.
     """
     from mlflow.exceptions import MlflowException
 
@@ -78,6 +81,7 @@ def promotion_lock(reg: Registry) -> Iterator[None]:
                         "holder": _actor(),
                         "pid": str(os.getpid()),
                         "acquired_at": str(time.time()),
+                        **({"process": me} if (me := process_id()) else {}),
                     },
                     description="held while a nestad promotion moves aliases; delete it if "
                     "no promotion is running",
@@ -118,7 +122,8 @@ def promotion_lock(reg: Registry) -> Iterator[None]:
 
 
 def _break_stale_lock(reg: Registry, lock: str) -> bool:
-    """Delete the lock if its holder took it more than ``lock_ttl_s`` ago.
+    """Delete the lock if its holder took it more than ``lock_ttl_s`` ago, or if the holder
+    was a process of this machine that has ended (killed while holding it).
 
     A lock read without its tags (released and re-taken between two reads) is not stale;
     the token is re-read just before deleting, so a lock taken over meanwhile survives.
@@ -126,15 +131,20 @@ def _break_stale_lock(reg: Registry, lock: str) -> bool:
     try:
         held = reg.client.get_registered_model(lock)
         token, since = held.tags.get("token"), held.tags.get("acquired_at")
-        if not token or not since or time.time() - float(since) <= reg.cfg.lock_ttl_s:
+        ended = process_ended(held.tags.get("process"))
+        if not token or not since:
+            return False
+        if not ended and time.time() - float(since) <= reg.cfg.lock_ttl_s:
             return False
         if reg.client.get_registered_model(lock).tags.get("token") != token:
             return False
         log.warning(
-            "taking over promotion lock %r abandoned by %s %.0fs ago",
+            "taking over promotion lock %r abandoned by %s %.0fs ago (%s)",
             lock,
             held.tags.get("holder"),
             time.time() - float(since),
+            f"process {held.tags.get('pid')} has ended" if ended
+            else f"older than registry.lock_ttl_s={reg.cfg.lock_ttl_s:g}",
         )
         reg.client.delete_registered_model(lock)
         return True
@@ -214,7 +224,13 @@ def _promote_locked(
             raise RegistryError(
                 f"no version of {reg.name!r} holds {previous_stage!r}; name the version to promote"
             )
-    version = str(reg.client.get_model_version(reg.name, version).version)
+    mv = reg.client.get_model_version(reg.name, version)
+    version = str(mv.version)
+    if unfinished(mv):  # a registration still running, or killed part-way
+        raise RegistryError(
+            f"version {version} of {reg.name!r} is not fully registered (tag "
+            f"{REGISTERING_TAG}); the next `nestad register` undoes it if its process died"
+        )
     refusal = check_transition(target, _aliases_of(reg, version), force)
     if refusal:
         raise RegistryError(f"version {version} of {reg.name!r} cannot move to {target}: {refusal}")

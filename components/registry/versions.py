@@ -1,7 +1,8 @@
 """Registration: an evaluated run folder becomes a new ``candidate`` version, or nothing.
 
 A version is registered only after every artefact is logged and verified; if
-registration fails part-way, the half-made version is deleted and aliases restored.
+registration fails part-way, the half-made version is deleted and aliases restored; one
+killed part-way (no ``except`` ran) is undone by the next registration (``interrupted``).
 Each alias move is recorded as a ``nestad.transition.NNN`` version tag (who, when, why,
 figures compared).
 """
@@ -35,6 +36,11 @@ from components.registry.client import (
     _errors,
     _retry,
     open_registry,
+)
+from components.registry.interrupted import (
+    REGISTERING_TAG,
+    registering_tag,
+    repair_interrupted,
 )
 from components.registry.provenance import describe_data, eval_data_digest
 from components.registry.pyfunc import log_pyfunc
@@ -189,12 +195,14 @@ def _create_version(
         except MlflowException as exc:
             if "ALREADY_EXISTS" not in _error_code(exc):
                 raise
+        repair_interrupted(reg)  # what a killed registration left
         previous = _alias_version(reg, CANDIDATE)
     version = None
     try:
         with _errors(reg, f"registering a version of {name!r}"):
+            marked = {**tags, **registering_tag(previous)}  # removed as the last step
             mv = client.create_model_version(
-                name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id
+                name, source=model_uri, run_id=run_id, tags=marked, model_id=model_id
             )
             version = str(mv.version)
             _retry(lambda: client.set_registered_model_alias(name, CANDIDATE, version))
@@ -203,6 +211,8 @@ def _create_version(
                     f"alias {CANDIDATE!r} of {name!r} moved during "
                     f"registration of version {version}"
                 )
+            # complete: no later registration undoes it now
+            _retry(lambda: client.delete_model_version_tag(name, version, REGISTERING_TAG))
     except BaseException:
         _undo_version(reg, version, run_id, previous, created_model)
         raise

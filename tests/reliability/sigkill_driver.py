@@ -24,6 +24,7 @@ forking is safe. ``KILL`` names where the command dies:
 ``after:METHOD`` / ``before:METHOD``   registry: die right after (before) the first call
                               of ``MlflowClient.METHOD``
 ``call:K``                    registry: die right after the K-th ``MlflowClient`` call
+                              (``call:0``: never; MARKER counts the calls)
 ``locked``                    promotion: die while holding the promotion lock
 
 Self-inflicted kills are ``os.kill(os.getpid(), SIGKILL)``: no ``finally`` block, no
@@ -165,6 +166,8 @@ def _hook_registry(kind: str, arg: str, marker: Path) -> None:
                 die()
             result = __method(*args, **kwargs)
             calls["n"] += 1
+            if kind == "call" and arg == "0":  # count only
+                note(marker, f"calls {calls['n']}")
             if (kind == "after" and __name == arg) or (kind == "call" and calls["n"] == int(arg)):
                 note(marker, f"dying after {__name} (call {calls['n']})")
                 die()
@@ -239,6 +242,12 @@ def serve() -> None:
     import components.registry.pyfunc  # noqa: F401
     import components.registry.versions  # noqa: F401
 
+    try:  # MLflow maps modules to packages once per process (seconds): do it before forking
+        from mlflow.utils import requirements_utils
+
+        requirements_utils._init_modules_to_packages_map()
+    except (ImportError, AttributeError):
+        pass
     print(json.dumps({"ready": os.getpid()}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)

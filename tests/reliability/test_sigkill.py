@@ -219,3 +219,123 @@ def test_training_killed_at_five_points_resumes_to_identical_weights(
     assert got["last"]["epoch"] == STEPS // EVERY
     assert expected["last"]["d_reinits"] > 0  # the global RNG stream was exercised
     _assert_equal(expected, got, "state")
+
+
+# --- registration and promotion ------------------------------------------------------------
+
+REGISTRY_TIMEOUT_S = 120.0
+
+
+@pytest.fixture
+def project(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Iterator[Any]:
+    """An evaluated project with its own SQLite registry (``mlflow_support``), in a quiet
+    environment the fork server's children inherit."""
+    from mlflow_support import new_project, quiet_env
+
+    with quiet_env(tmp_path):
+        yield new_project(tmp_path_factory, tmp_path / "project")
+
+
+def _registry_state(reg: Any) -> dict[str, Any]:
+    """Versions (with whether they carry the registration marker) and aliases."""
+    from components.registry.interrupted import unfinished
+
+    versions = reg.client.search_model_versions(f"name='{reg.name}'")
+    aliases = ({a: str(v) for a, v in reg.client.get_registered_model(reg.name).aliases.items()}
+               if versions else {})
+    return {"versions": {str(v.version): unfinished(v) for v in versions}, "aliases": aliases}
+
+
+@pytest.mark.slow
+def test_registration_killed_part_way_leaves_no_half_registered_candidate(
+    forks: ForkServer, project: Any, tmp_path: Path
+) -> None:
+    from mlflow_support import write_params
+
+    from components.registry.client import RegistryError, open_registry
+    from components.registry.promote import promote_auto
+
+    params = write_params(project)
+    args = ["register", "-p", params, "-o", project.out]
+    marker = tmp_path / "register.marker"
+    forks.start(marker, "call:0", args, project.root).finish()  # counts the client calls
+    calls = int(marker.read_text().split()[-1])
+    reg = open_registry(project.params.registry, project.root)
+    assert _registry_state(reg) == {"versions": {"1": False}, "aliases": {"candidate": "1"}}
+    rng = random.Random(SEED)
+    points = ["after:create_model_version", "after:set_registered_model_alias",
+              f"call:{rng.randrange(1, calls)}"]
+    complete, halves, logs = {"1"}, set(), []
+    for kill in points:  # each run repairs what the one before left, then is killed
+        child = forks.start(marker, kill, args, project.root)
+        died = child.killed()
+        logs.append(child.output())
+        after = _registry_state(reg)
+        half = {v for v, marked in after["versions"].items() if marked}
+        assert complete <= set(after["versions"]) - half, (kill, died, after)
+        complete |= set(after["versions"]) - half
+        halves |= half
+        candidate = after["aliases"].get("candidate")
+        if candidate in half:  # visible, but marked: promotion refuses it
+            with pytest.raises(RegistryError, match="not fully registered"):
+                promote_auto(reg)
+        else:  # a complete version (the new one if it was killed after finishing)
+            assert candidate in complete, (kill, died, after)
+    logs.append(forks.start(marker, "none", args, project.root).finish())
+    now = _registry_state(reg)
+    newest = max(now["versions"], key=int)
+    assert not any(now["versions"].values()), now
+    assert set(now["versions"]) == complete | {newest}, (points, complete, now)
+    assert now["aliases"] == {"candidate": newest}, now
+    assert halves, (points, now)  # the kill points did leave half-registered versions
+    for version in halves:  # a later registration undid each, and said so
+        assert any(f"undid the registration of version {version}" in log for log in logs), (
+            version, logs)
+
+
+@pytest.mark.slow
+def test_a_promotion_killed_holding_the_lock_blocks_the_next_at_most_its_ttl(
+    forks: ForkServer, project: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import dataclasses
+
+    from mlflow_support import write_params
+
+    from components.decisions import PRODUCTION, STAGING
+    from components.registry.client import open_registry
+    from components.registry.promote import promote
+
+    reg = open_registry(project.params.registry, project.root)
+    client, lock = reg.client, f"{reg.name}.promotion-lock"
+    client.create_registered_model(reg.name)
+    for _ in range(2):
+        mv = client.create_model_version(reg.name, str(project.out / "model"))
+    client.set_registered_model_alias(reg.name, "candidate", mv.version)
+    params = write_params(project)
+    marker = tmp_path / "promote.marker"
+    args = ["promote", "--to", "staging", "-p", params]
+
+    # killed on this machine: its process has ended, so the lock is taken over at once
+    died = forks.start(marker, "locked", args, project.root).killed()
+    assert died == "dying while holding the lock"
+    assert client.get_registered_model(lock).tags["process"]
+    started = time.monotonic()
+    with caplog.at_level("WARNING"):
+        assert promote(reg, STAGING, "2").promoted  # candidate -> staging
+    assert time.monotonic() - started < reg.cfg.lock_ttl_s / 10  # not the 300 s TTL
+    assert "has ended" in caplog.text
+    assert client.search_registered_models(f"name='{lock}'") == []
+
+    # a holder this machine cannot check (another host): free after the TTL, not later
+    forks.start(marker, "locked", args, project.root).killed()
+    client.set_registered_model_tag(lock, "process", "another-boot:1:42:1")
+    taken = float(client.get_registered_model(lock).tags["acquired_at"])
+    short = dataclasses.replace(reg, cfg=reg.cfg.model_copy(
+        update={"lock_ttl_s": 3.0, "lock_timeout_s": REGISTRY_TIMEOUT_S}))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert promote(short, PRODUCTION, "2", force=True).promoted
+    waited = time.time() - taken
+    assert 3.0 <= waited < 3.0 + 30.0, waited
+    assert "older than registry.lock_ttl_s=3" in caplog.text
+    assert client.search_registered_models(f"name='{lock}'") == []
