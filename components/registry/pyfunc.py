@@ -102,13 +102,16 @@ def _signature(threshold: str) -> Any:
     )
 
 
-def log_pyfunc(reg: Registry, run_id: str, detector_file: Path) -> tuple[str, str]:
-    """Log ``detector_file`` as the run's pyfunc model; return (model URI, model id).
+def log_pyfunc(reg: Registry, run_id: str, detector_file: Path,
+               exports: dict[str, Path] | None = None) -> tuple[str, str]:
+    """Log ``detector_file`` as the run's pyfunc model, with the verified ``exports``
+    (backend -> folder) under ``artifacts/export/``; return (model URI, model id).
 
     The logged files are checked (MLmodel, requirements, code, the detector's size)
     before this returns, so a registered version is never missing an artefact.
     """
     from components.detector.package import load_detector
+    from components.registry.exports import EXPORT_ARTIFACT, export_files, stage_exports
     from components.registry.serve import example_request
 
     mlflow = _mlflow(reg.cfg)
@@ -123,13 +126,16 @@ def log_pyfunc(reg: Registry, run_id: str, detector_file: Path) -> tuple[str, st
             shutil.copy2(file, dest)
         model_code = Path(tmp) / "nestad_model.py"
         model_code.write_text(_MODEL_CODE)
+        artifacts = {DETECTOR_ARTIFACT: str(detector_file)}
+        if exports:
+            artifacts[EXPORT_ARTIFACT] = str(stage_exports(exports, Path(tmp)))
         with _errors(reg, f"logging the model of run {run_id}"):
             with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch "+cpu" label, integer-schema hints
                 info = mlflow.pyfunc.log_model(
                     name=MODEL_NAME_IN_RUN,
                     python_model=str(model_code),
-                    artifacts={DETECTOR_ARTIFACT: str(detector_file)},
+                    artifacts=artifacts,
                     code_paths=[str(code_dir)],
                     signature=_signature(meta["threshold"]),
                     input_example=example_request(meta["image_size"], meta["channels"]),
@@ -140,6 +146,7 @@ def log_pyfunc(reg: Registry, run_id: str, detector_file: Path) -> tuple[str, st
                         "channels": meta["channels"],
                         "threshold": meta["threshold"],
                         "generator": meta["model"]["name"],
+                        "exports": sorted(exports or {}),
                     },
                 )
             _verify_model(
@@ -148,12 +155,15 @@ def log_pyfunc(reg: Registry, run_id: str, detector_file: Path) -> tuple[str, st
                 detector_file,
                 [f"code/components/{f.relative_to(code_dir).as_posix()}"
                  for f in code_dir.rglob("*.py")],
+                export_files(exports or {}),
             )
     return info.model_uri, info.model_id
 
 
-def _verify_model(reg: Registry, model_id: str, detector_file: Path, code_files: list[str]) -> None:
-    """Raise unless the logged model is READY and holds every file it needs."""
+def _verify_model(reg: Registry, model_id: str, detector_file: Path, code_files: list[str],
+                  sized: dict[str, int] | None = None) -> None:
+    """Raise unless the logged model is READY and holds every file it needs (those in
+    ``sized`` with that many bytes)."""
     model = reg.client.get_logged_model(model_id)
     if str(model.status).upper().split(".")[-1] != "READY":
         raise RegistryError(f"logged model {model_id} is {model.status}, not READY")
@@ -170,10 +180,15 @@ def _verify_model(reg: Registry, model_id: str, detector_file: Path, code_files:
         "requirements.txt": None,
         f"artifacts/{detector_file.name}": detector_file.stat().st_size,
         **dict.fromkeys(code_files),
+        **(sized or {}),
     }
     missing = [p for p in expected if p not in found]
     if missing:
         raise RegistryError(f"logged model {model_id} lacks {', '.join(sorted(missing))}")
+    wrong = [p for p, size in (sized or {}).items() if found[p] not in (None, size)]
+    if wrong:
+        raise RegistryError(f"logged model {model_id}: {', '.join(sorted(wrong))} "
+                            "differ in size from the files logged")
     detector_path = f"artifacts/{detector_file.name}"
     if found[detector_path] not in (None, expected[detector_path]):
         raise RegistryError(

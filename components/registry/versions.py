@@ -42,6 +42,7 @@ from components.registry.interrupted import (
     registering_tag,
     repair_interrupted,
 )
+from components.registry.exports import export_tags, verified_exports
 from components.registry.provenance import describe_data, eval_data_digest
 from components.registry.pyfunc import log_pyfunc
 from components.registry.runs import _log_batch, log_run_folder, start_run
@@ -139,19 +140,21 @@ def register_run(
     ``run_id``: a run already tracking this training (``start_run`` + ``epoch_logger``);
     otherwise a new run is made. All artefacts are logged and verified before the version
     is created; a failure after that deletes the version and restores the aliases, so the
-    registry is left as it was.
+    registry is left as it was. Verified exports in ``out/export/<format>/`` (``nestad
+    export``) are logged beside the pyfunc model, so the version carries them.
     """
     root, out = Path(root).resolve(), Path(out)
     check_run_folder(out, params)
+    exports = verified_exports(out)  # RUN/export/<format>/, checked before anything is logged
     data = describe_data(params.data.source, root)
     eval_digest = eval_data_digest(data, out / "test_scores.csv")
     reg = open_registry(params.registry, root)
     run_id = run_id or start_run(reg, params, run_name or f"register {out.name}", parent_run_id)
     try:
         figures = log_run_folder(reg, run_id, out, params, data, eval_digest)
-        model_uri, model_id = log_pyfunc(reg, run_id, out / "model" / "detector.pt")
+        model_uri, model_id = log_pyfunc(reg, run_id, out / "model" / "detector.pt", exports)
         with _errors(reg, f"finishing run {run_id}"):
-            _log_batch(reg, run_id, tags={f"{TAG}model_uri": model_uri})
+            _log_batch(reg, run_id, tags={f"{TAG}model_uri": model_uri, **export_tags(exports)})
             reg.client.set_terminated(run_id, "FINISHED")
     except BaseException:
         with contextlib.suppress(Exception):
