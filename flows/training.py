@@ -66,7 +66,12 @@ def validate(project: Project) -> bool:
 
 @task(name="train", **LOCAL)
 def train(project: Project) -> bool:
-    """Train on the normal images; keep the epoch chosen on validation normals."""
+    """Train on the normal images; keep the epoch chosen on validation normals.
+
+    With ``train.distributed.nproc_per_node`` set, the stage's ``nestad train`` starts
+    torchrun as a subprocess (``components.cli.torchrun``), never ``multiprocessing``
+    here: Prefect loads flow code under another module name, which spawned or forked
+    children cannot import."""
     return _reproduce(project, "train")
 
 

@@ -46,6 +46,18 @@ from torch import Tensor, nn
 from components.config import ModelConfig, TrainConfig
 from components.data.splits import ImageSet
 from components.detector.augment import augment_batch, random_crop
+from components.detector.distributed import (
+    DistContext,
+    barrier,
+    broadcast_module,
+    broadcast_object,
+    gather_objects,
+    local_batch,
+    mean_over_ranks,
+    prepare_module,
+    shard,
+    wrap_ddp,
+)
 from components.detector.losses import dice_loss, focal_loss, ssim
 from components.detector.model import init_weights
 from components.detector.networks import build_networks
@@ -66,6 +78,9 @@ from components.runtime import (
 )
 
 CHECKPOINT_FORMAT = "nestad-checkpoint/1"
+# seed offsets of a rank's own random streams (rank 0's are the single-process streams)
+RANK_STREAM_STRIDE = 1_000_003
+EPOCH_STREAM_STRIDE = 7_919
 
 
 @dataclass
@@ -128,6 +143,11 @@ class GanTrainer:
     ``compile`` runs G and D through ``torch.compile`` inside ``step`` (same math, fused
     kernels); by default only when ``runtime.compile`` is True. ``generator`` and
     ``discriminator`` stay the plain modules, so checkpoints are unchanged.
+
+    ``dist`` (a data-parallel run, ``distributed``): G and D train under
+    DistributedDataParallel on this process's share of each batch, the losses are averaged
+    over processes, and this rank draws its own synthetic-anomaly and augmentation streams
+    (rank 0's are the single-process ones).
     """
 
     def __init__(
@@ -137,22 +157,34 @@ class GanTrainer:
         cfg: TrainConfig,
         runtime: Runtime,
         compile: bool | None = None,
+        dist: DistContext | None = None,
     ) -> None:
         self.cfg = cfg
         self.runtime = runtime
+        self.dist = dist
         fmt = runtime.memory_format
+        if dist is not None:
+            generator, discriminator = prepare_module(generator, dist), prepare_module(
+                discriminator, dist)
         self.generator = generator.to(runtime.device, memory_format=fmt)
         self.discriminator = discriminator.to(runtime.device, memory_format=fmt)
         if compile is None:
             compile = runtime.compile is True
         # The compiled wrappers share the modules' parameters; dynamic=False: every
         # training batch has the same shape (fit drops the ragged one).
-        self._g: nn.Module = (
-            torch.compile(self.generator, dynamic=False) if compile else self.generator
-        )
-        self._d: nn.Module = (
-            torch.compile(self.discriminator, dynamic=False) if compile else self.discriminator
-        )
+        g_run, d_run = self.generator, self.discriminator
+        if dist is not None:
+            g_run = wrap_ddp(self.generator, runtime.device, dist)
+            d_run = wrap_ddp(self.discriminator, runtime.device, dist)
+        self._g: nn.Module = torch.compile(g_run, dynamic=False) if compile else g_run
+        self._d: nn.Module = torch.compile(d_run, dynamic=False) if compile else d_run
+        # G's update reads D without updating it. Under DDP it reads the plain module: D's
+        # gradients are not wanted there (only its input's), and a DDP forward would wait
+        # for them.
+        self._d_frozen: nn.Module = self._d
+        if dist is not None:
+            self._d_frozen = (torch.compile(self.discriminator, dynamic=False) if compile
+                              else self.discriminator)
         betas = (cfg.beta1, cfg.beta2)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr, betas=betas)
@@ -172,8 +204,22 @@ class GanTrainer:
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, factor)
         self.d_reinits = 0
         self.restores = isinstance(generator, NestedRestoreGenerator)
-        self.synthetic_rng = torch.Generator().manual_seed(cfg.seed + 1)
-        self.augment_rng = torch.Generator().manual_seed(cfg.seed + 2)
+        self.synthetic_rng = torch.Generator()
+        self.augment_rng = torch.Generator()
+        self.seed_streams(0 if dist is None else dist.rank)
+
+    def seed_streams(self, rank: int, epoch: int = 0) -> None:
+        """Seed the synthetic-anomaly and augmentation streams of ``rank`` (rank 0, epoch 0:
+        the single-process streams; ``epoch``: a fresh start for a rank resumed without
+        its own saved streams)."""
+        base = self.cfg.seed + RANK_STREAM_STRIDE * rank + EPOCH_STREAM_STRIDE * epoch
+        self.synthetic_rng.manual_seed(base + 1)
+        self.augment_rng.manual_seed(base + 2)
+
+    def rng_streams(self) -> dict[str, Tensor]:
+        """This process's own random streams (what differs between ranks)."""
+        return {"synthetic": self.synthetic_rng.get_state(),
+                "augment": self.augment_rng.get_state()}
 
     def step(self, x: Tensor) -> dict[str, Tensor]:
         """One G update then one D update on a float batch ``x`` (B, C, H, W) in [-1, 1]."""
@@ -181,7 +227,7 @@ class GanTrainer:
             return self._step(x)
 
     def _step(self, x: Tensor) -> dict[str, Tensor]:
-        cfg, g, d = self.cfg, self._g, self._d
+        cfg, g, d, d_frozen = self.cfg, self._g, self._d, self._d_frozen
         # --- generator: D's parameters need no gradient here, only its input does.
         # f(x) is computed again, with gradients, in the D update below; one shared pass
         # would save ~1% of the step's FLOPs but change how often BN's running
@@ -195,9 +241,9 @@ class GanTrainer:
         with self.runtime.autocast():
             out = g(x_in)
             fake = out.image  # (B, C, H, W)
-            logit_fake, feat_fake = d(fake)  # (B,), (B, F, 4, 4)
+            logit_fake, feat_fake = d_frozen(fake)  # (B,), (B, F, 4, 4)
             with torch.no_grad():
-                _, feat_real = d(x)
+                _, feat_real = d_frozen(x)
         loss_adv = F.binary_cross_entropy_with_logits(
             logit_fake.float(), torch.ones_like(logit_fake.float())
         )
@@ -239,10 +285,7 @@ class GanTrainer:
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt_d.step()
-        if loss_d.item() < cfg.reinit_d_below:
-            init_weights(self.discriminator)
-            self.d_reinits += 1
-        return {
+        losses = mean_over_ranks({  # the global batch's losses: every rank decides alike
             "loss_g": loss_g.detach(),
             "loss_d": loss_d.detach(),
             "loss_adv": loss_adv.detach(),
@@ -250,7 +293,12 @@ class GanTrainer:
             "loss_lat": loss_lat.detach(),
             "loss_enc": loss_enc.detach(),
             **{k: v.detach() for k, v in extra.items()},
-        }
+        }, self.dist)
+        if losses["loss_d"].item() < cfg.reinit_d_below:
+            init_weights(self.discriminator)
+            broadcast_module(self.discriminator, self.dist)
+            self.d_reinits += 1
+        return losses
 
     # --- checkpoints -------------------------------------------------------------------
 
@@ -302,7 +350,8 @@ PRECISE_BN_BATCHES = 16
 
 @torch.no_grad()
 def recompute_batchnorm(net: nn.Module, images: Tensor, cfg: TrainConfig, runtime: Runtime,
-                        seed: int, batches: int = PRECISE_BN_BATCHES) -> None:
+                        seed: int, batches: int = PRECISE_BN_BATCHES,
+                        dist: DistContext | None = None) -> None:
     """Re-estimate every BatchNorm's running statistics for the current weights ("precise
     BN", Wu & Johnson 2021): a cumulative average over ``batches`` training batches of whole
     images, corrupted as in training, in train mode, without gradients.
@@ -311,6 +360,9 @@ def recompute_batchnorm(net: nn.Module, images: Tensor, cfg: TrainConfig, runtim
     (and of crops); measured on the synthetic validation set of magnetic tiles this
     recomputation raised pixel AUROC from 0.74 to 0.81 for the same weights. Training
     images only, with their own seeded stream (``seed``): leak-free and resumable.
+
+    ``dist`` (SyncBatchNorm only): every rank makes the same corrupted batches and feeds
+    its share, so the synchronised statistics are those of the whole batches.
     """
     norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -328,11 +380,27 @@ def recompute_batchnorm(net: nn.Module, images: Tensor, cfg: TrainConfig, runtim
             idx = torch.randperm(len(images), generator=g)[:batch]
             x = runtime.prepare(images[idx])
             x_tilde, _ = synthesize_anomalies(x, cfg.synthetic, g)
+            if dist is not None:
+                x_tilde = x_tilde[dist.rank :: dist.world_size]
             with runtime.autocast():
                 net(x_tilde.contiguous(memory_format=runtime.memory_format))
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     net.train(was_training)
+
+
+def _restore_rank_streams(trainer: GanTrainer, state: dict[str, Any],
+                          dist: DistContext) -> None:
+    """After ``load_state`` (rank 0's streams): this rank's own saved streams when the
+    checkpoint came from a run of the same world size; else rank 0 keeps the saved ones and
+    the others start fresh streams (the run goes on, but will not match an uninterrupted
+    one)."""
+    saved = state.get("rng_ranks")
+    if saved is not None and state.get("world_size") == dist.world_size:
+        trainer.synthetic_rng.set_state(saved[dist.rank]["synthetic"])
+        trainer.augment_rng.set_state(saved[dist.rank]["augment"])
+    elif dist.rank > 0:
+        trainer.seed_streams(dist.rank, epoch=state["epoch"])
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -385,8 +453,15 @@ def fit(
     stop_after: int | None = None,
     inspect_epoch: Callable[[int, nn.Module, nn.Module], None] | None = None,
     map_settings: MapSettings = MapSettings(),
+    dist: DistContext | None = None,
 ) -> TrainResult:
     """Train on ``train`` (normal images only), choose the kept epoch on ``val``.
+
+    ``dist``: one process of a data-parallel run (``distributed``; every process calls
+    ``fit`` with the same data and config). ``cfg.batch_size`` stays the global batch, the
+    steps are the single-process run's; rank 0 alone validates, writes the checkpoints and
+    calls ``on_epoch``/``on_batch``/``inspect_epoch``. The other ranks return their final
+    networks, ``best_epoch`` 0 and no history.
 
     ``inspect_epoch(epoch, G, D)`` lets a benchmark look at each epoch's networks (e.g. to
     measure the reference code's best-epoch-on-test protocol); nothing it does feeds back
@@ -406,7 +481,12 @@ def fit(
     _, channels, height, _ = train.images.shape
     crop = cfg.crop if cfg.crop is not None and cfg.crop < height else None
     generator, discriminator = build_networks(model_cfg, channels, crop or height)
+    main = dist is None or dist.is_main
     batch = min(cfg.batch_size, len(train))
+    if dist is not None:
+        local_batch(cfg.batch_size, dist)  # refuses a batch that does not divide evenly
+        batch -= batch % dist.world_size  # fewer images than one batch: whole shares
+        local_batch(batch, dist)
     if cfg.steps is not None:  # intervals of eval_every steps stand for epochs
         epochs = math.ceil(cfg.steps / cfg.eval_every)
         steps = cfg.steps
@@ -418,20 +498,26 @@ def fit(
         if not isinstance(generator, NestedRestoreGenerator):
             raise TrainingError(f"train.select_on=synthetic needs model.name=nested_restore, "
                                 f"not {model_cfg.name!r} (its score is not a map)")
-        synthetic_val = make_synthetic_validation(val.images, cfg.synthetic)
+        if main:
+            synthetic_val = make_synthetic_validation(val.images, cfg.synthetic)
     compiled = compile_pays_off(cfg.compile, runtime.device.type, steps, COMPILE_MIN_TRAIN_STEPS)
-    trainer = GanTrainer(generator, discriminator, cfg, runtime, compile=compiled)
+    trainer = GanTrainer(generator, discriminator, cfg, runtime, compile=compiled, dist=dist)
     shuffle_rng = torch.Generator().manual_seed(cfg.seed)
     history: list[EpochReport] = []
     best: dict[str, Any] = {"epoch": 0, "val_recon": math.inf, "criterion": -math.inf}
     start_epoch = 0
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
-    if resume and last_path.is_file():
+    state = None
+    if resume and main and last_path.is_file():
         state = load_checkpoint(last_path)
+    state = broadcast_object(state, dist)  # rank 0 reads; every rank resumes from it
+    if state is not None:
         try:
             trainer.load_state(state, shuffle_rng)
         except (RuntimeError, KeyError, ValueError) as exc:
             raise ModelFileError(f"{last_path}: does not match this model config ({exc})") from None
+        if dist is not None:
+            _restore_rank_streams(trainer, state, dist)
         history = [EpochReport(**h) for h in state["history"]]
         best = state["best"]
         start_epoch = state["epoch"]
@@ -454,7 +540,7 @@ def fit(
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
         for b in range(batches):
-            idx = order[b * batch : (b + 1) * batch]
+            idx = shard(order[b * batch : (b + 1) * batch], dist)  # this process's share
             images = train.images[idx]
             if crop is not None:
                 images = random_crop(images, crop, trainer.augment_rng)
@@ -474,15 +560,21 @@ def fit(
                 )
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
-            if on_batch:
+            if on_batch and main:
                 on_batch(BatchStats(epoch + 1, b + 1, batches, values["loss_d"], values["loss_g"]))
         seconds = time.perf_counter() - t0
         lr = trainer.opt_g.param_groups[0]["lr"]
         if cfg.steps is None:
             trainer.sched_g.step()
             trainer.sched_d.step()
-        if trainer.restores:  # BN statistics of these weights, before they are judged
-            recompute_batchnorm(trainer.generator, train.images, cfg, runtime, seed=epoch)
+        sync_bn = dist is not None and dist.sync_batchnorm
+        if trainer.restores and (main or sync_bn):  # BN statistics of these weights
+            recompute_batchnorm(trainer.generator, train.images, cfg, runtime, seed=epoch,
+                                dist=dist if sync_bn else None)
+        streams = gather_objects(trainer.rng_streams(), dist) if dist is not None else None
+        if not main:  # rank 0 validates and writes; wait for its checkpoint
+            barrier(dist)
+            continue
         # the map settings only change the restoration detector's score
         by_map = {"settings": map_settings} if trainer.restores else {}
         val_scores = score_images(
@@ -528,7 +620,11 @@ def fit(
                 },
                 best_path,
             )
-        save_atomic(trainer.state(epoch + 1, shuffle_rng, history, best), last_path)
+        state = trainer.state(epoch + 1, shuffle_rng, history, best)
+        if dist is not None:  # every rank's own streams, for an exact resume
+            state |= {"world_size": dist.world_size, "rng_ranks": streams}
+        save_atomic(state, last_path)
+        barrier(dist)
         if inspect_epoch:
             inspect_epoch(report.epoch, trainer.generator, trainer.discriminator)
             trainer.generator.train()
@@ -536,6 +632,9 @@ def fit(
         if on_epoch:
             on_epoch(report)
 
+    if not main:
+        return TrainResult(trainer.generator.eval(), trainer.discriminator.eval(), 0, [],
+                           runtime, checkpoint_dir, resumed_from)
     if not best_path.is_file():
         raise TrainingError(f"{checkpoint_dir}: no epoch finished, nothing to keep")
     kept = load_checkpoint(best_path)
