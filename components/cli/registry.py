@@ -1,4 +1,5 @@
-"""``nestad register | models | promote | lineage``: the model registry from the command line.
+"""``nestad register | models | promote | lineage | serve``: the model registry from the
+command line, and the REST scorer of a registered model.
 
 Thin glue over ``components.registry`` (imported inside each command, so ``nestad --help``
 stays fast and never imports MLflow). The tracking store is the one ``params.yaml``
@@ -328,9 +329,41 @@ def _print_lineage(info: dict[str, Any]) -> None:
     out.print(params)
 
 
+def serve_cmd(
+    model_uri: Annotated[
+        str | None,
+        typer.Argument(
+            help="models:/<name>@<alias>, models:/<name>/<N> or a local MLflow model folder "
+            "(default: models:/<registry.model_name>@production)."
+        ),
+    ] = None,
+    host: Annotated[str | None, typer.Option(
+        "--host", help="Interface to listen on (default: serve.host, 127.0.0.1); "
+        "0.0.0.0 listens on every interface.")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="(default: serve.port, 5000)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Serve a registered model over REST (POST /invocations), within serve.* limits."""
+    from components.config import load_params
+    from components.registry.rest import serve_model
+
+    extra: list[Any] = list(set_ or [])
+    if host is not None:
+        extra.append((f"--host {host}", f"serve.host={json.dumps(host)}"))
+    if port is not None:
+        extra.append((f"--port {port}", f"serve.port={port}"))
+    cfg = load_params(params, extra, profile)
+    uri = model_uri or f"models:/{cfg.registry.model_name}@production"
+    serve_model(uri, cfg, params.resolve().parent,
+                lambda line: console.print(line, highlight=False, soft_wrap=True))
+
+
 def register(app: typer.Typer) -> None:
     """Add the registry commands to the ``nestad`` app."""
     app.command("register")(friendly_errors(register_cmd))
     app.command("models")(friendly_errors(models_cmd))
     app.command("promote")(friendly_errors(promote_cmd))
     app.command("lineage")(friendly_errors(lineage_cmd))
+    app.command("serve")(friendly_errors(serve_cmd))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,24 @@ MAP_COLUMN = "map_png"  # only with maps=True: base64 PNG overlay at the model i
 THRESHOLDS = ("fpr", "fixed")
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may hold (``serve.*``; these defaults are ``ServeConfig``'s)."""
+
+    max_image_bytes: int = 64 * 2**20  # one image file: image_b64 decoded, or a path's file
+    max_request_bytes: int = 256 * 2**20  # all the request's image files together
+
+
+class RequestRowError(DataError):
+    """A request the scorer refuses: ``row`` is the 0-based row at fault (None: the request
+    as a whole), ``reason`` says why; ``too_large`` marks a size limit (HTTP 413, else 400)."""
+
+    def __init__(self, row: int | None, reason: str, too_large: bool = False) -> None:
+        self.row, self.reason, self.too_large = row, reason, too_large
+        super().__init__(f"request row {row}: {reason}" if row is not None
+                         else f"request: {reason}")
+
+
 def encode_image(data: bytes | Path) -> str:
     """Base64 text of an image file's bytes (or of the file at a path), for ``image_b64``."""
     raw = Path(data).read_bytes() if isinstance(data, Path) else data
@@ -58,38 +77,65 @@ def _cell(value: Any) -> str | None:
     return text or None
 
 
-def _row_bytes(row: int, path: str | None, b64: str | None) -> tuple[str, bytes]:
+def _too_large(row: int, what: str, size: int, limits: RequestLimits) -> RequestRowError:
+    return RequestRowError(row, f"{what} is {size:,} bytes, above serve.max_image_bytes="
+                                f"{limits.max_image_bytes:,}", too_large=True)
+
+
+def _row_bytes(row: int, path: str | None, b64: str | None,
+               limits: RequestLimits) -> tuple[str, bytes]:
+    """A row's image file bytes; sizes are checked before anything is decoded or read."""
     if (path is None) == (b64 is None):
-        raise DataError(f"request row {row}: give exactly one of 'path' or 'image_b64'")
+        raise RequestRowError(row, "give exactly one of 'path' or 'image_b64'")
     if b64 is not None:
+        size = len(b64) * 3 // 4 - (len(b64) - len(b64.rstrip("=")))  # the decoded length
+        if size > limits.max_image_bytes:
+            raise _too_large(row, "'image_b64' decoded", size, limits)
         try:
             return f"row {row}", base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError):
-            raise DataError(f"request row {row}: 'image_b64' is not valid base64") from None
+            raise RequestRowError(row, "'image_b64' is not valid base64") from None
     file = Path(path)
     try:
+        size = file.stat().st_size
+        if size > limits.max_image_bytes:
+            raise _too_large(row, str(file), size, limits)
         return str(file), file.read_bytes()
     except OSError as exc:
-        raise DataError(f"request row {row}: cannot read {file} ({exc.strerror})") from None
+        raise RequestRowError(row, f"cannot read {file} ({exc.strerror})") from None
 
 
 def request_images(frame: pd.DataFrame, image_size: int, channels: int,
-                   rules: ImageRules | None = None) -> torch.Tensor:
+                   rules: ImageRules | None = None,
+                   limits: RequestLimits | None = None) -> torch.Tensor:
     """Decode a request's rows into uint8 images (N, C, H, W), as evaluation decodes them
     and by its ``rules`` (default: the config defaults): sizes are checked from each
-    image's header before it is decoded."""
+    image's header before it is decoded. A row refused (``limits``, default
+    ``RequestLimits()``) raises ``RequestRowError`` naming it."""
+    limits = limits or RequestLimits()
     unknown = [c for c in frame.columns if c not in INPUT_COLUMNS]
     if unknown or not any(c in frame.columns for c in INPUT_COLUMNS):
-        raise DataError(
-            f"request columns {list(frame.columns)}: expected a 'path' and/or "
+        raise RequestRowError(
+            None, f"columns {list(frame.columns)}: expected a 'path' and/or "
             "an 'image_b64' column (one image per row)"
         )
     paths = frame["path"] if "path" in frame else [None] * len(frame)
     blobs = frame["image_b64"] if "image_b64" in frame else [None] * len(frame)
     out = np.empty((len(frame), image_size, image_size, channels), dtype=np.uint8)
+    total = 0
     for i, (path, b64) in enumerate(zip(paths, blobs, strict=True)):
-        name, data = _row_bytes(i, _cell(path), _cell(b64))
-        out[i], _ = decode_image(data, name, image_size, channels, rules)
+        name, data = _row_bytes(i, _cell(path), _cell(b64), limits)
+        total += len(data)
+        if total > limits.max_request_bytes:
+            raise RequestRowError(i, f"the images up to this row are {total:,} bytes, above "
+                                     f"serve.max_request_bytes={limits.max_request_bytes:,}",
+                                  too_large=True)
+        try:
+            out[i], _ = decode_image(data, name, image_size, channels, rules)
+        except RequestRowError:
+            raise
+        except DataError as exc:  # the decoder names the image: row i or the path
+            raise RequestRowError(i, str(exc).removeprefix(f"row {i}: ")) from None
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
 
 
@@ -100,6 +146,7 @@ def score_request(
     threshold: str | None = None,
     batch_size: int = 256,
     maps: bool = False,
+    limits: RequestLimits | None = None,
 ) -> pd.DataFrame:
     """Score every row of a request; columns ``OUTPUT_COLUMNS`` (plus ``MAP_COLUMN`` with
     ``maps``), one row per input row.
@@ -109,7 +156,8 @@ def score_request(
     """
     if threshold is not None and threshold not in THRESHOLDS:
         raise DataError(f"threshold {threshold!r}: expected one of {', '.join(THRESHOLDS)}")
-    images = request_images(frame, meta["image_size"], meta["channels"], meta.get("image_rules"))
+    images = request_images(frame, meta["image_size"], meta["channels"], meta.get("image_rules"),
+                            limits)
     cut = meta["norm"].threshold(threshold or meta["threshold"])
     scores, normed, pictures = [], [], []
     for start in range(0, len(images), batch_size):

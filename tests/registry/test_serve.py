@@ -301,3 +301,7 @@ def test_rest_rejects_a_bad_request(served: tuple[str, list[Path], Any]) -> None
     url, _, _ = served
     status, body = _post(url, {"dataframe_split": {"columns": ["image_b64"], "data": [["***"]]}})
     assert status >= 400 and "not valid base64" in json.dumps(body)
+    # plain `mlflow models serve` too: a JSON answer naming the row, no traceback (issue 12)
+    assert (status, body) == (400, {"error_code": "INVALID_PARAMETER_VALUE", "row": 0,
+                                    "message": "request row 0: 'image_b64' is not valid base64",
+                                    "reason": "'image_b64' is not valid base64"})
