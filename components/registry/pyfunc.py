@@ -39,6 +39,8 @@ def build_pyfunc_model() -> Any:
     """
     mlflow = _mlflow()
     from components.detector.package import load_detector
+    from components.errors import DataError
+    from components.registry.rest import rest_error
     from components.registry.serve import score_request
 
     class NestadDetectorModel(mlflow.pyfunc.PythonModel):
@@ -52,10 +54,14 @@ def build_pyfunc_model() -> Any:
             self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
         ) -> pd.DataFrame:
             params = params or {}
-            return score_request(
-                self.detector, self.meta, model_input,
-                threshold=params.get("threshold") or None, maps=bool(params.get("maps")),
-            )
+            try:
+                return score_request(
+                    self.detector, self.meta, model_input,
+                    threshold=params.get("threshold") or None, maps=bool(params.get("maps")),
+                    limits=getattr(self, "limits", None),  # nestad serve sets serve.*
+                )
+            except DataError as exc:  # a 4xx JSON answer naming the row, not a traceback
+                raise rest_error(exc) from None
 
     return NestadDetectorModel()
 
