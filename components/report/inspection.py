@@ -123,7 +123,9 @@ def _write_pictures(folder: Path, scored: ScoredImages, shown: np.ndarray
 
 
 def _galleries(folder: Path, scored: ScoredImages, per_group: int) -> tuple[Gallery, ...]:
-    groups = inspection_order(scored.scores, scored.flagged, scored.is_anomaly)
+    # ranked by the raw score: the same order as the unclipped normalised one, and a
+    # batch's normalised scores come clipped (ties at 0 and 1)
+    groups = inspection_order(scored.raw_scores, scored.flagged, scored.is_anomaly)
     described = {key: (title, note) for key, title, note in _EVALUATION_GROUPS + _BATCH_GROUPS}
     shown = {key: indices[:per_group] for key, indices in groups}
     everything = np.concatenate([v for v in shown.values()]) if shown else np.array([], int)

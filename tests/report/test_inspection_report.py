@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -126,6 +127,13 @@ def test_false_positives_and_false_negatives_come_first(evaluated) -> None:
                       (False, False): "tn"}[(flagged, anomalous)])
     order = {"fp": 0, "fn": 1, "tp": 2, "tn": 3}
     assert page.cards == sorted(kinds, key=order.__getitem__)  # as many of each, errors first
+    # within a group, highest score first
+    score = {r["path"]: float(r["score"]) for r in rows}
+    names = [unescape(n) for n in re.findall(
+        r'class="name" title="([^"]+)"', (run / "report" / "index.html").read_text())]
+    for kind in order:
+        part = [n for n, k in zip(names, page.cards, strict=True) if k == kind]
+        assert [score[n] for n in part] == sorted((score[n] for n in part), reverse=True)
 
 
 def test_inspection_order_puts_errors_first_highest_score_first() -> None:
@@ -182,9 +190,12 @@ def test_score_report_writes_a_page_of_the_batch(evaluated, tmp_path) -> None:
     assert "No labels" in text and "sha256" in text
     for src in page.images:
         assert (tmp_path / "batch" / src).is_file(), src
-    # highest score first within the flagged group
-    shown = [float(s) for s in re.findall(r"score (\d\.\d{3}) \(raw", text)]
-    assert shown[:flagged] == sorted(shown[:flagged], reverse=True)
+    # highest score first within each group (raw scores: the normalised ones are clipped)
+    raw = {r["path"]: r["score"] for r in rows}
+    names = [unescape(n) for n in
+             re.findall(r'class="name" title="([^"]+)"', index.read_text(encoding="utf-8"))]
+    for part in (names[:flagged], names[flagged:]):
+        assert [raw[n] for n in part] == sorted((raw[n] for n in part), reverse=True)
 
 
 def test_score_cli_report_option(evaluated, tmp_path) -> None:
