@@ -287,3 +287,25 @@ def should_retrain(report: Mapping[str, Any], limits: Any) -> DriftVerdict:
 
 def _abs(value: Any) -> float | None:
     return None if value is None else abs(float(value))
+
+
+def decide_retraining_on_drift(
+    current: DataState, trained: DataState | None, min_new_normal: int,
+    drift: DriftVerdict | None,
+) -> RetrainDecision:
+    """``decide_retraining`` with a monitoring verdict as a trigger. Drift lowers the bar to
+    one new normal training image (normal images of the drifted batch, once inspected and
+    ingested); with none, retraining on the old data cannot fix drift, so it does not
+    retrain and says what is missing. No drift (or no verdict): ``decide_retraining``."""
+    if drift is None or not drift.retrain:
+        return decide_retraining(current, trained, min_new_normal)
+    base = decide_retraining(current, trained, 1)
+    if base.retrain:
+        return RetrainDecision(True, f"monitoring found drift ({drift.reason}); {base.reason}",
+                               base.new_normal_images)
+    return RetrainDecision(
+        False,
+        f"monitoring found drift ({drift.reason}), but {base.reason}: ingest normal images "
+        "of the new kind (inspected) to retrain",
+        base.new_normal_images,
+    )

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 
 from components.config import MonitorConfig
-from components.decisions import DataState, decide_retraining, should_retrain
+from components.decisions import (
+    DataState,
+    decide_retraining,
+    decide_retraining_on_drift,
+    should_retrain,
+)
 
 OLD, NEW = "a" * 32, "b" * 32
 
@@ -93,3 +98,31 @@ def test_should_retrain_reason_names_figure_and_limit():
     verdict = should_retrain(_report(shift=80.0), LIMITS)
     assert verdict.reason == "|brightness shift| 80 > monitor.max_brightness_shift=20"
     assert should_retrain(_report(), LIMITS).reason == "every figure within its limits"
+
+
+DRIFT = should_retrain(_report(shift=80.0), LIMITS)
+CALM = should_retrain(_report(), LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("trained", "current", "min_new", "drift", "retrain", "why"),
+    [
+        # no verdict or no drift: exactly decide_retraining
+        (DataState(OLD, 10), DataState(NEW, 12), 5, None, False, "only 2 new normal"),
+        (DataState(OLD, 10), DataState(NEW, 12), 5, CALM, False, "only 2 new normal"),
+        (DataState(OLD, 10), DataState(NEW, 15), 5, CALM, True, "5 new normal"),
+        # drift: one new normal image is enough
+        (DataState(OLD, 10), DataState(NEW, 12), 5, DRIFT, True, "monitoring found drift"),
+        # drift, but nothing new to learn the new kind of images from: no retraining
+        (DataState(NEW, 10), DataState(NEW, 10), 5, DRIFT, False, "ingest normal images"),
+        (DataState(OLD, 10), DataState(NEW, 10), 1, DRIFT, False, "ingest normal images"),
+        # no model yet: train, drift or not
+        (None, DataState(NEW, 10), 5, DRIFT, True, "no model"),
+    ],
+)
+def test_drift_as_a_retraining_trigger(trained, current, min_new, drift, retrain, why):
+    decision = decide_retraining_on_drift(current, trained, min_new, drift)
+    assert decision.retrain is retrain
+    assert why in decision.reason
+    if drift is DRIFT:
+        assert "brightness shift" in decision.reason

@@ -21,7 +21,7 @@ from components.config import Params
 from components.data.images import decode_image, probe_image, to_model_input
 from components.data.layout import IMAGE_SUFFIXES
 from components.decisions import DriftVerdict, should_retrain
-from components.detector.drift import compare_batch
+from components.detector.drift import REPORT_FORMAT, compare_batch
 from components.detector.package import MODEL_FILE, load_detector
 from components.errors import DataError, ModelFileError
 
@@ -169,3 +169,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def read_verdict(path: Path, params: Params) -> DriftVerdict:
+    """The verdict of a saved report (``monitor.json``), judged again with ``params``'
+    ``monitor.*`` limits (the retraining flow's trigger); ``DataError`` if unreadable."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the monitoring report ({exc.strerror})") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: not a monitoring report (invalid JSON: {exc})") from None
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        raise DataError(f"{path}: not a monitoring report (no format {REPORT_FORMAT!r})")
+    return should_retrain(report, params.monitor)

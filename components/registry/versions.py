@@ -14,6 +14,7 @@ import getpass
 import json
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,12 +38,12 @@ from components.registry.client import (
     _retry,
     open_registry,
 )
+from components.registry.exports import export_tags, verified_exports
 from components.registry.interrupted import (
     REGISTERING_TAG,
     registering_tag,
     repair_interrupted,
 )
-from components.registry.exports import export_tags, verified_exports
 from components.registry.provenance import describe_data, eval_data_digest
 from components.registry.pyfunc import log_pyfunc
 from components.registry.runs import _log_batch, log_run_folder, start_run
@@ -175,14 +176,43 @@ def register_run(
         metric=reg.cfg.gate_metric,
         value=figures.get(reg.cfg.gate_metric),
     )
-    version = _create_version(reg, model_uri, model_id, run_id, tags)
+    version = _create_version(
+        reg, model_uri, model_id, run_id, tags,
+        describe=lambda number: _log_model_card(reg, run_id, number, params, out, data),
+    )
     return RegisteredVersion(reg.name, version, run_id, model_uri, data.key, eval_digest, figures)
 
 
-def _create_version(
-    reg: Registry, model_uri: str, model_id: str, run_id: str, tags: dict[str, str]
+MODEL_CARD_ARTIFACT = "model_card/MODEL_CARD.md"
+
+
+def _log_model_card(
+    reg: Registry, run_id: str, version: str, params: Params, out: Path, data: Any
 ) -> str:
-    """Create the version and give it ``candidate``; on failure undo both."""
+    """Render the version's model card, log it to the run; return the description."""
+    from components.registry.model_card import CardFacts, card_description, render_model_card
+    from components.registry.provenance import code_version
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = json.loads((out / "train_history.json").read_text())
+    facts = CardFacts(
+        model_name=reg.name, version=version, run_id=run_id,
+        data=params.data.model_dump(), data_version=data.key, data_counts=data.counts,
+        used_counts={**history.get("counts", {}), **metrics.get("counts", {})},
+        metrics=metrics, model=params.model.model_dump(), train=params.train.model_dump(),
+        evaluate=params.evaluate.model_dump(), code=code_version(reg.root), history=history,
+    )
+    card = render_model_card(facts)
+    reg.client.log_text(run_id, card, MODEL_CARD_ARTIFACT)
+    return card_description(card, run_id)
+
+
+def _create_version(
+    reg: Registry, model_uri: str, model_id: str, run_id: str, tags: dict[str, str],
+    describe: Callable[[str], str] | None = None,
+) -> str:
+    """Create the version and give it ``candidate`` (and ``describe(version)`` as its
+    description, the model card); on failure undo both."""
     from mlflow.exceptions import MlflowException
 
     client, name = reg.client, reg.name
@@ -214,6 +244,9 @@ def _create_version(
                     f"alias {CANDIDATE!r} of {name!r} moved during "
                     f"registration of version {version}"
                 )
+            if describe is not None:
+                text = describe(version)
+                _retry(lambda: client.update_model_version(name, version, description=text))
             # complete: no later registration undoes it now
             _retry(lambda: client.delete_model_version_tag(name, version, REGISTERING_TAG))
     except BaseException:

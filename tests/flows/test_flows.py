@@ -144,6 +144,26 @@ def test_nothing_new_in_the_source_ends_the_retraining_flow_as_nothing_new(train
     assert _versions(load_project(trained.root)) == {"1": ("production",)}
 
 
+def test_a_drift_report_with_nothing_new_ends_as_drift_no_new_data(trained, tmp_path):
+    """The monitoring verdict reaches the decision; drift alone, with no new normal image,
+    retrains nothing (the old data cannot teach the new kind of images)."""
+    from components.detector.drift import REPORT_FORMAT
+    from flows.retraining import retraining_flow
+
+    report = tmp_path / "monitor.json"
+    report.write_text(json.dumps({
+        "format": REPORT_FORMAT, "score": {"ks_pvalue": 1e-9, "psi": 3.0},
+        "flagged": {"fraction": 0.0},
+        "image": {"brightness": {"shift": 80.0}, "contrast": {"change": 0.0},
+                  "size_mismatch": 0.0, "channel_mismatch": 0.0}}))
+    state = retraining_flow(str(trained.root), monitor_report=str(report), return_state=True)
+    assert state.is_completed() and state.name == "Drift, no new data"
+    assert "monitoring found drift" in state.message and "brightness shift" in state.message
+    assert state.result().drift.exceeded == ("min_ks_pvalue", "max_psi",
+                                             "max_brightness_shift")
+    assert _versions(load_project(trained.root)) == {"1": ("production",)}
+
+
 def test_new_normal_images_retrain_and_promote_only_if_the_gate_allows(trained, tmp_path):
     from components.registry.client import open_registry
     from components.registry.promote import version_figures

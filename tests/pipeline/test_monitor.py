@@ -103,6 +103,27 @@ def test_a_brighter_batch_fails_with_exit_3_naming_the_limits(project: Path):
     assert "DRIFT" in (out / "monitor.md").read_text()
 
 
+def test_an_s3_prefix_is_read_with_the_ingestion_sources(project: Path, moto_endpoint,
+                                                         fake_aws):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto_endpoint)
+    client.create_bucket(Bucket="line")
+    for path in sorted((project / "bright").iterdir()):
+        client.put_object(Bucket="line", Key=f"camera-1/today/{path.name}",
+                          Body=path.read_bytes())
+    out = project / "run-s3"
+    result = _monitor(project, "s3://line/camera-1/today", "--out", str(out), "--no-track",
+                      "-s", f"ingest.s3_endpoint_url={moto_endpoint}")
+    assert result.exit_code == 3, result.output
+    report = json.loads((out / "monitor.json").read_text())
+    assert _monitor(project, project / "bright", "--out", str(project / "run-local"),
+                    "--no-track").exit_code == 3
+    local = json.loads((project / "run-local" / "monitor.json").read_text())
+    assert report["images"] == BATCH and report["source"] == "s3://line/camera-1/today"
+    assert report["score"] == local["score"]  # the same images give the same figures
+
+
 def test_the_figures_are_logged_to_mlflow(project: Path, tmp_path_factory):
     from components.registry.client import open_registry
 
