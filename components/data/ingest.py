@@ -18,13 +18,15 @@ The dataset folder, which ``components.data.load_splits`` reads through its mani
 Images are content-addressed: an exact duplicate is stored once and an image never moves.
 Re-ingesting adds only unseen sha256s and never changes an existing row. Each run builds
 the new version in a temporary folder beside the target (existing files hard-linked, not
-copied) and swaps it in with two renames, so a failure part-way leaves the previous
-version as it was.
+copied) and swaps it in with one atomic exchange (two renames where the file system lacks
+it), so a failure or a SIGKILL part-way leaves the previous version as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
 import json
 import logging
@@ -535,8 +537,32 @@ def _write_manifest(
     (dataset / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <linux/fcntl.h>, <linux/fs.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``); False where the system or the file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without it
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 def _swap(staging: Path, target: Path) -> None:
-    """Put ``staging`` in place of ``target`` with two renames; on failure, undo."""
+    """Put ``staging`` in place of ``target``: one atomic exchange where the system allows
+    it (a reader, or a run killed at any instant, finds the old version or the new, never
+    none), else two renames (a kill between them leaves the old version moved aside, which
+    ``_recover`` puts back); on failure, undo."""
+    if target.exists() and _exchange(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # now the previous version
+        return
     backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     had_target = target.exists()
     if had_target:

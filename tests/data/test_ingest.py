@@ -288,6 +288,7 @@ def test_a_failure_part_way_leaves_the_previous_version_intact(source, target, m
         return real_rename(src, dst)
 
     monkeypatch.setattr(ingestion.os, "rename", rename_fails_on_swap)
+    monkeypatch.setattr(ingestion, "_exchange", lambda a, b: False)  # no RENAME_EXCHANGE here
     with pytest.raises(OSError, match="injected"):
         ingest(str(source), CFG, DATA_CFG, target=target)
     assert _tree(target) == before and _leftovers(target) == []

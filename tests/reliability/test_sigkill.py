@@ -11,6 +11,7 @@ with generous timeouts, so a loaded machine makes the tests slower, not flaky.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -26,7 +27,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from synthetic_support import REPO, tiny_overrides, write_dataset
+from synthetic_support import REPO, tiny_overrides, write_dataset, write_images
 
 DRIVER = Path(__file__).with_name("sigkill_driver.py")
 SEED = 20_261_201  # the kill points' RNG
@@ -219,6 +220,67 @@ def test_training_killed_at_five_points_resumes_to_identical_weights(
     assert got["last"]["epoch"] == STEPS // EVERY
     assert expected["last"]["d_reinits"] > 0  # the global RNG stream was exercised
     _assert_equal(expected, got, "state")
+
+
+# --- ingestion ------------------------------------------------------------------------------
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` by relative path, with the sha256 of its bytes."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _leftovers(data_root: Path) -> list[str]:
+    return sorted(p.name for p in data_root.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.slow
+def test_ingestion_killed_part_way_leaves_the_previous_version_and_the_next_succeeds(
+    forks: ForkServer, tmp_path: Path
+) -> None:
+    import shutil
+
+    from components.data.ingest import _exchange
+
+    first = write_dataset(tmp_path / "first", "industrial", n_train=8, n_test=2, n_defect=2)
+    second = tmp_path / "second"  # new images (their own seeds), to add to the first version
+    write_images(second / "train" / "good", "blob", 24, tag="new")
+    write_images(second / "test" / "square", "blob", 4, tag="new", defect=True)
+    data = tmp_path / "data"
+    params = _params_file(tmp_path, {"data.layout": "industrial", "ingest.data_root": str(data),
+                                     "ingest.workers": 1, "ingest.track": False})
+    marker = tmp_path / "ingest.marker"
+
+    def ingest(source: Path, name: str, kill: str = "none") -> Child:
+        args = ["ingest", source, "--name", name, "--no-track", "-p", params]
+        return forks.start(marker, kill, args, tmp_path)
+
+    ingest(first, "v1").finish()
+    ingest(second, "v1").finish()
+    reference = _tree(data / "v1")  # both, ingested without interruption
+    shutil.rmtree(data / "v1")
+    ingest(first, "v1").finish()
+    previous = _tree(data / "v1")
+    assert len(reference) == len(previous) + 28
+    atomic_swap = _exchange(data / "v1", data / "v1")  # the file system can swap folders
+    rng = random.Random(SEED)
+    points = [*(f"store:{k}" for k in sorted(rng.sample(range(1, 29), 2))), "swap", "cleanup"]
+    for i, kill in enumerate(points):
+        name = f"case{i}"
+        shutil.copytree(data / "v1", data / name)
+        died = ingest(second, name, kill).killed()
+        if kill == "swap" and not atomic_swap:  # two renames: moved aside, put back next
+            assert not (data / name).exists() and any(".old-" in n for n in _leftovers(data))
+        elif kill in ("swap", "cleanup"):  # killed once the new version was in: complete
+            assert _tree(data / name) == reference, died
+        else:  # killed while storing images: the previous version, untouched
+            assert _tree(data / name) == previous, died
+        assert _leftovers(data), died  # what it was building (or removing) is still there
+        done = ingest(second, name).finish()
+        assert f"dataset {data / name}" in done, done
+        assert _tree(data / name) == reference, (kill, died)
+        assert _leftovers(data) == [], (kill, died)
 
 
 # --- registration and promotion ------------------------------------------------------------
