@@ -71,6 +71,7 @@ def scores_by_type(path: Path, groups: Mapping[str, np.ndarray],
     _draw_thresholds(ax, thresholds, chosen)
     ax.set_yticks(range(1, len(names) + 1), [f"{n} ({len(d)})" for n, d in zip(names, data,
                                                                                strict=True)])
+    ax.invert_yaxis()  # the first type (normal images) on top
     ax.set(xlabel="normalised anomaly score (clipped to [0, 1])", xlim=(0.0, 1.0),
            title="Scores per type")
     return _save(plt, fig, ax, path)
