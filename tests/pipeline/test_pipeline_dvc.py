@@ -104,6 +104,7 @@ def committed(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "outputs/metrics.json": "{}",
             "outputs/plots/roc_pr.png": "p",
             "outputs/report/index.html": "r",
+            "outputs/monitoring_reference.json": "{}",
         }
         for rel, text in files.items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
