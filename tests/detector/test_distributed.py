@@ -194,8 +194,9 @@ def test_two_processes_train_like_one_within_the_batchnorm_tolerance(
     """The same steps, schedule and validation choice as a single-process run with the same
     global batch (8); rank 0 alone wrote the checkpoints and the history. The weights
     differ because each process's BatchNorm normalises its own 4 images (see the module
-    docstring): per-epoch losses within 5 % and weights within 5 % (relative L2 norm) of
-    the single-process run's. Measured: below 1 %."""
+    docstring): per-epoch losses within 2 % and weights within 3 % (relative L2 norm) of
+    the single-process run's. Measured (CPU, torch 2.13): losses within 0.3 %, weights
+    0.8 %."""
     import json
 
     history = json.loads((uninterrupted / "train_history.json").read_text())
@@ -215,14 +216,14 @@ def test_two_processes_train_like_one_within_the_batchnorm_tolerance(
     assert [h.lr for h in single.history] == [e["lr"] for e in history["epochs"]]
     for h, e in zip(single.history, history["epochs"], strict=True):
         for key in ("loss_con", "loss_g", "val_recon"):
-            assert e[key] == pytest.approx(getattr(h, key), rel=0.05), (h.epoch, key)
+            assert e[key] == pytest.approx(getattr(h, key), rel=0.02), (h.epoch, key)
     ddp = _weights(uninterrupted)
     ref = {**{f"g.{k}": v for k, v in single.generator.state_dict().items()},
            **{f"d.{k}": v for k, v in single.discriminator.state_dict().items()}}
     params_only = [k for k in ref if ref[k].is_floating_point() and "running" not in k]
     diff = torch.cat([(ddp[k] - ref[k]).flatten() for k in params_only]).norm()
     size = torch.cat([ref[k].flatten() for k in params_only]).norm()
-    assert 0 < diff / size < 0.05, float(diff / size)
+    assert 0 < diff / size < 0.03, float(diff / size)
 
 
 def test_a_killed_worker_fails_the_run_in_one_line_and_resume_finishes_it(
