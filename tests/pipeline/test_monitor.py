@@ -189,3 +189,23 @@ def test_a_model_without_reference_is_refused(project: Path, tmp_path: Path):
     save_atomic(state, tmp_path / MODEL_FILE)
     result = _monitor(project, project / "like", "--no-track", "--model", str(tmp_path))
     assert_one_line_error(result, "no monitoring reference", "nestad evaluate")
+
+
+def test_a_registered_version_is_monitored_with_its_own_reference(tmp_path_factory, tmp_path):
+    """``--model models:/...``: the reference travels inside the registered detector.pt."""
+    from mlflow_support import DATASET, registered_project, write_params
+
+    registered = registered_project(tmp_path_factory)
+    project, version = registered.project, registered.version
+    params = write_params(project, name="monitor-params.yaml")
+    uri = f"models:/{version.name}/{version.version}"
+    with quiet_env(tmp_path):
+        result = CliRunner().invoke(get_app(), [
+            "monitor", str(project.root / DATASET / "test"), "-p", str(params), "--model", uri,
+            "--out", str(tmp_path / "out"), "--no-track", "-s", "monitor.min_images=2"])
+    assert result.exit_code in (0, 3), result.output  # verdict aside: where the reference came from
+    report = json.loads((tmp_path / "out" / "monitor.json").read_text())
+    reference = json.loads((project.out / "monitoring_reference.json").read_text())
+    assert report["model"] == uri and report["images"] == 12
+    assert report["reference_images"] == reference["count"]
+    assert report["flagged"]["threshold"] == reference["threshold"]["value"]
