@@ -1,0 +1,142 @@
+"""A real Prefect server, a process work pool and a worker: ``prefect deploy`` of
+prefect.yaml's ``training-process`` deployment, a run triggered through the API, the worker
+running the training flow on a tiny project, the model registered; the worker stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow_support import bin_path, free_port
+from pipeline_support import REPO, make_project, pipeline_env
+
+POOL = "nestad-test-process"
+
+
+def _prefect(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    done = subprocess.run([bin_path("prefect"), *args], capture_output=True, text=True,
+                          cwd=REPO, env=os.environ.copy(), timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
+
+
+def test_prefect_yaml_declares_the_process_docker_and_kubernetes_deployments() -> None:
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    for name in ("training-process", "training-docker", "training-kubernetes"):
+        assert by_name[name]["entrypoint"] == "flows/training.py:training_flow"
+        entry, fn = by_name[name]["entrypoint"].split(":")
+        assert f"def {fn}(" in (REPO / entry).read_text()
+    assert by_name["training-docker"]["work_pool"]["job_variables"]["image"].startswith("nestad")
+    # the Docker run happens in the image's working directory, where the Dockerfile puts it
+    assert "WORKDIR /app" in (REPO / "Dockerfile").read_text()
+    assert by_name["training-docker"]["pull"][0][
+        "prefect.deployments.steps.set_working_directory"]["directory"] == "/app"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_a_process_worker_runs_the_deployed_training_flow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in pipeline_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("PREFECT_API_URL", api)
+    monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "2")  # default 10: seconds per poll
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = make_project(tmp_path / "base")
+    with _prefect_server(port, tmp_path / "server.log"):
+        _prefect("work-pool", "create", POOL, "--type", "process")
+        _prefect("--no-prompt", "deploy", "--prefect-file", str(REPO / "prefect.yaml"),
+                 "-n", "training-process", "--pool", POOL, "--param", f"project={root}")
+        worker_log = tmp_path / "worker.log"
+        worker = subprocess.Popen(  # its output (and the flow run's) to a file, not a pipe
+            [bin_path("prefect"), "worker", "start", "--pool", POOL, "--type", "process"],
+            stdout=worker_log.open("wb"), stderr=subprocess.STDOUT, env=os.environ.copy(),
+            start_new_session=True,
+        )
+        try:
+            run = _prefect("deployment", "run", "training/training-process")
+            run_id = next(line.split()[-1] for line in run.stdout.splitlines()
+                          if "UUID" in line)
+            state = _wait_for(run_id, timeout=360)
+        finally:
+            os.killpg(worker.pid, signal.SIGINT)  # what Ctrl-C does
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+                pytest.fail("the worker did not stop within 30 s of SIGINT")
+            log = worker_log.read_text(errors="replace")
+        assert state == "COMPLETED", f"flow run ended {state}:\n{log[-4000:]}"
+        assert worker.returncode in (0, -signal.SIGINT, 130), log[-2000:]
+        assert "Worker" in log and run_id in log
+    from components.pipeline.workflow import load_project, registered_models
+
+    project = load_project(root)
+    models = registered_models(project)
+    assert [m.version for m in models] == ["1"]
+    assert "production" in models[0].aliases
+    assert (project.out / "model" / "detector.pt").is_file()
+
+
+@contextlib.contextmanager
+def _prefect_server(port: int, log: Path) -> Iterator[None]:
+    """``prefect server start`` on 127.0.0.1:``port`` (output to ``log``: a pipe nobody
+    reads would fill up and stall the server) until the block ends."""
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [bin_path("prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+             str(port)], stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy(),
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health",
+                                                timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"prefect server did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+            yield
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _wait_for(run_id: str, timeout: float) -> str:
+    """The flow run's final state type (polled through the API), or why there is none."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            state = client.read_flow_run(run_id).state
+            if state is not None and state.is_final():
+                return state.type.value
+            time.sleep(1)
+    return f"unfinished after {timeout}s"
