@@ -102,15 +102,32 @@ def evaluation_report(params: Params, out: Path, test_set: ImageSet, test_scores
                                          f"{params.model.name} on {Path(params.data.source).name}")
 
 
+def batch_thresholds(meta: dict[str, Any], threshold: str | None
+                     ) -> tuple[dict[str, float], str]:
+    """Both thresholds by display name and the applied one, from a model file's metadata
+    (``norm``, ``threshold``) or an export's (``thresholds``)."""
+    if "norm" in meta:
+        norm = meta["norm"]
+        norm = norm if isinstance(norm, dict) else asdict(norm)
+        return named_thresholds(norm, threshold or meta["threshold"])
+    stored = meta["thresholds"]
+    norm = {"threshold_fixed": stored["fixed"], "threshold_fpr": stored["fpr"],
+            "target_fpr": stored["target_fpr"]}
+    return named_thresholds(norm, threshold or stored["used"])
+
+
+def _model_name(meta: dict[str, Any]) -> str:
+    model = meta.get("model") or {}
+    return str(model.get("name") or model.get("generator") or "?")
+
+
 def batch_report(folder: Path, detector: Any, meta: dict[str, Any], model_file: Path,
                  images: torch.Tensor, rows: list[dict[str, Any]], threshold: str | None,
                  batch_size: int = 256) -> Path:
     """``folder/index.html`` for scored new images: ``rows`` as ``score_paths`` returns them
     for ``images`` (N, C, H, W) uint8, scored by ``detector`` (its maps are recomputed for
     the images shown only)."""
-    norm = meta["norm"]
-    norm = asdict(norm) if not isinstance(norm, dict) else norm
-    thresholds, chosen = named_thresholds(norm, threshold or meta["threshold"])
+    thresholds, chosen = batch_thresholds(meta, threshold)
 
     @torch.no_grad()
     def maps(idx: np.ndarray) -> np.ndarray:
@@ -122,13 +139,18 @@ def batch_report(folder: Path, detector: Any, meta: dict[str, Any], model_file: 
 
     path = Path(model_file)
     path = path / MODEL_FILE if path.is_dir() and (path / MODEL_FILE).is_file() else path
-    provenance = meta.get("provenance") or {}
+    exported = meta.get("model") if "main_file" in meta else None  # an export's metadata
+    provenance = meta.get("provenance") or exported or {}
     versions = [
-        ("model", f"{(meta.get('model') or {}).get('name', '?')}, {meta.get('channels')} "
+        ("model", f"{_model_name(meta)}, {meta.get('channels')} "
                   f"channel(s), {meta.get('image_size')} px input, checkpoint epoch "
                   f"{provenance.get('checkpoint_epoch', '?')}"),
         ("model file", f"{path} (sha256 {_sha256(path)})" if path.is_file() else str(path)),
-        ("trained on", str(provenance.get("data_source", "unknown"))),
+        *([("export", f"{meta.get('backend')} {meta['main_file']} (sha256 "
+                      f"{meta.get('files', {}).get(meta['main_file'])}) of {exported.get('source')}"
+                      f" (sha256 {exported.get('sha256')})")] if exported else []),
+        ("training data", str(provenance.get("data_source") or meta.get("data_version")
+                           or "unknown")),
         ("generated", _now()),
     ]
     scored = ScoredImages(

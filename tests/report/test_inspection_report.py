@@ -252,3 +252,16 @@ def test_the_report_opens_in_chromium(evaluated, tmp_path) -> None:
     assert any("boom" in e for e in bad.errors)
     assert any("missing.png" in e for e in bad.errors)
     assert bad.images[0]["naturalWidth"] == 0
+
+
+def test_batch_thresholds_from_a_model_file_or_an_export() -> None:
+    from components.pipeline.reports import batch_thresholds
+
+    norm = {"threshold_fixed": 0.2, "threshold_fpr": 0.7, "target_fpr": 0.05}
+    fixed, fpr = "fixed 0.2", "FPR 0.05 on validation normals"
+    model_file = {"norm": norm, "threshold": "fpr"}
+    export = {"thresholds": {"used": "fpr", "value": 0.7, "fixed": 0.2, "fpr": 0.7,
+                             "target_fpr": 0.05}}
+    for meta in (model_file, export):
+        assert batch_thresholds(meta, None) == ({fixed: 0.2, fpr: 0.7}, fpr)
+        assert batch_thresholds(meta, "fixed")[1] == fixed
