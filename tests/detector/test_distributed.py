@@ -155,6 +155,31 @@ def test_failure_message_names_the_rank_and_the_signal(tmp_path) -> None:
     assert line == "distributed training failed after 1 restart(s): rank 1: train.batch_size: bad"
 
 
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--nproc-per-node", "3"], ["--nproc-per-node 3: train:", "global batch", "3 processes"]),
+        (["--nproc-per-node", "2", "--nnodes", "2"], ["train.distributed", "rdzv_endpoint"]),
+        (["--nproc-per-node", "2", "--rdzv-endpoint", "no-port"], ["rdzv_endpoint"]),
+        (["--nproc-per-node", "2", "-s", "train.distributed.sync_batchnorm=true"],
+         ["sync_batchnorm", "CUDA only"]),
+    ],
+)
+def test_bad_launch_options_are_one_line_before_anything_starts(
+    project: Path, tmp_path, args, needles
+) -> None:
+    from cli_support import assert_one_line_error
+    from typer.testing import CliRunner
+
+    from components.cli.app import get_app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(get_app(), ["train", "-p", str(project / "params.yaml"),
+                                            "--out", str(out), *args])
+    assert_one_line_error(result, *needles)
+    assert not (out / "logs").exists()  # torchrun never started
+
+
 # --- two processes under torchrun ---------------------------------------------------------
 
 
