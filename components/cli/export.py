@@ -101,6 +101,18 @@ def export_cmd(
     """Export a detector as one ONNX or OpenVINO graph (uint8 NHWC image -> score,
     normalised score, flag, anomaly map), verified against PyTorch before it is written."""
     from components.cli.common import _params
+
+    cfg = _params(params, profile, set_)
+    result = export_model(model, format_, out, images, cfg, params.absolute().parent)
+    worst = ", ".join(f"{k} {v:.2g}" for k, v in result.report.max_abs.items())
+    console.print(f"[green]{format_} export verified[/] on {result.report.images} images "
+                  f"(max abs difference {worst}; tolerance {result.report.tolerance:g}) "
+                  f"-> {result.folder}", highlight=False, soft_wrap=True)
+
+
+def export_model(model: str, format_: str, out: Path | None, images: list[Path] | None,
+                 cfg: Any, root: Path) -> Any:
+    """Export and check MODEL (see ``export_cmd``); the ``ExportResult``."""
     from components.detector.package import load_detector
     from components.export.exporter import export_detector
     from components.export.locate import default_export_dir
@@ -108,8 +120,6 @@ def export_cmd(
 
     if format_ not in BACKENDS:
         raise ExportError(f"--format {format_!r}: expected one of {', '.join(BACKENDS)}")
-    cfg = _params(params, profile, set_)
-    root = params.absolute().parent
     if model.startswith("models:/"):
         if out is None:
             raise ExportError(f"{model}: --out is needed for a registered model")
@@ -127,12 +137,8 @@ def export_cmd(
             "checkpoint_epoch": meta.get("provenance", {}).get("checkpoint_epoch")}
     batch, images_from = _check_images(meta, images, cfg)
     with console.status(f"exporting {format_} and checking it on {images_from}"):
-        result = export_detector(detector, meta, format_, out, batch, images_from, model=info,
-                                 data_version=data_version)
-    worst = ", ".join(f"{k} {v:.2g}" for k, v in result.report.max_abs.items())
-    console.print(f"[green]{format_} export verified[/] on {result.report.images} images "
-                  f"(max abs difference {worst}; tolerance {result.report.tolerance:g}) "
-                  f"-> {result.folder}", highlight=False, soft_wrap=True)
+        return export_detector(detector, meta, format_, out, batch, images_from, model=info,
+                               data_version=data_version)
 
 
 def register(app: typer.Typer) -> None:

@@ -86,6 +86,14 @@ def register_cmd(
             help="Then run the automatic gate: candidate -> staging -> production if it wins.",
         ),
     ] = False,
+    export: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--export",
+            help="First export and verify this format (onnx | openvino; repeatable) into "
+            "OUT/export/<format>/. Exports found there are always logged with the version.",
+        ),
+    ] = None,
 ) -> None:
     """Log an evaluated run folder to MLflow and register it as the new candidate."""
     from components.registry.client import open_registry
@@ -93,6 +101,12 @@ def register_cmd(
     from components.registry.versions import register_run
 
     cfg, root = _load(params, profile, set_)
+    for format_ in export or []:  # verified before anything is logged
+        from components.cli.export import export_model
+
+        done = export_model(str(out), format_, None, None, cfg, root)
+        console.print(f"{format_} export verified on {done.report.images} images -> "
+                      f"{done.folder}", highlight=False, soft_wrap=True)
     with console.status(f"logging {out} and registering {cfg.registry.model_name}"):
         version = register_run(
             cfg, root, out, run_id=run_id, parent_run_id=parent_run_id, reason=reason

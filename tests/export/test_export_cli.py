@@ -155,3 +155,27 @@ def test_register_carries_the_exports(project, tmp_path_factory,
         with pytest.raises(RegistryError, match="exported from another detector.pt"):
             register_run(fresh.params, fresh.root, fresh.out)
         assert len(reg.client.search_model_versions(f"name='{NAME}'")) == versions_before
+
+
+def test_register_can_export_first(tmp_path_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.registry.client import open_registry
+
+    tmp = tmp_path_factory.mktemp("register-export")
+    with quiet_env(tmp):
+        fresh = new_project(tmp_path_factory, tmp / "project")
+        params = write_params(fresh)
+        monkeypatch.chdir(fresh.root)
+        done = _invoke("register", "-p", params, "--out", fresh.out, "--export", "tflite")
+        assert_one_line_error(done, "--format 'tflite'")
+        reg = open_registry(fresh.params.registry, fresh.root)
+        assert reg.client.search_model_versions(f"name='{NAME}'") == []  # nothing registered
+        done = _invoke("register", "-p", params, "--out", fresh.out, "--export", "onnx")
+        assert done.exit_code == 0, done.output
+        assert "onnx export verified on 4 images" in done.output
+        meta = json.loads((fresh.out / "export" / "onnx" / "metadata.json").read_text())
+        (version,) = reg.client.search_model_versions(f"name='{NAME}'")
+        model_id = str(version.source).removeprefix("models:/")
+        logged = reg.client.list_logged_model_artifacts(model_id, "artifacts/export/onnx")
+        assert {Path(a.path).name for a in logged} == {"model.onnx", "metadata.json"}
+        assert json.loads(version.tags["nestad.export.onnx"])["sha256"] == (
+            meta["files"]["model.onnx"])
