@@ -213,8 +213,39 @@ def _initial_generator() -> dict[str, torch.Tensor]:
     return g.state_dict()
 
 
+@pytest.fixture(scope="module")
+def single_process(project: Path):
+    """The same training in this process, without DDP (``fit`` as ``nestad train`` runs it)."""
+    params = parse_params(yaml.safe_load((project / "params.yaml").read_text()))
+    splits = load_splits(params.data, include=("train", "val"))
+    return fit(splits.train, splits.val, params.model, params.train,
+               project / "single" / "checkpoints")
+
+
+def test_one_process_under_torchrun_from_the_stage_runner_gives_the_same_weights(
+    project: Path, single_process
+) -> None:
+    """``--nproc-per-node 1`` through the in-process stage runner (what the training
+    flow's Prefect task calls): torchrun runs as a subprocess, and the whole distributed
+    path at world size 1 (DDP, shards, averaged losses, rank-0 writes) reaches the
+    single-process weights bit for bit."""
+    from components.cli.stage_runner import run_nestad_command
+
+    out = project / "one"
+    code = run_nestad_command(f"nestad train -p {project / 'params.yaml'} --out {out} "
+                              "--nproc-per-node 1", project)
+    assert code == 0
+    log = (out / "logs" / "torchrun.log").read_text()
+    assert "torch.distributed.run --nproc-per-node 1" in log
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["world_size"] == 1
+    ref, ddp = _weights(project / "single"), _weights(out)  # the last epoch's weights
+    assert ddp.keys() == ref.keys()
+    for key in ref:
+        assert torch.equal(ddp[key], ref[key]), key
+
+
 def test_two_processes_train_like_one_within_the_batchnorm_tolerance(
-    project: Path, uninterrupted: Path
+    project: Path, uninterrupted: Path, single_process
 ) -> None:
     """The same steps, schedule and validation choice as a single-process run with the same
     global batch (8); rank 0 alone wrote the checkpoints and the history. The weights
@@ -233,18 +264,13 @@ def test_two_processes_train_like_one_within_the_batchnorm_tolerance(
     assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == [
         "best.pt", "last.pt"]
 
-    params = parse_params(yaml.safe_load((project / "params.yaml").read_text()))
-    splits = load_splits(params.data, include=("train", "val"))
-    single = fit(splits.train, splits.val, params.model, params.train,
-                 project / "single" / "checkpoints")
+    single = single_process
     assert [h.steps for h in single.history] == [e["steps"] for e in history["epochs"]]
     assert [h.lr for h in single.history] == [e["lr"] for e in history["epochs"]]
     for h, e in zip(single.history, history["epochs"], strict=True):
         for key in ("loss_con", "loss_g", "val_recon"):
             assert e[key] == pytest.approx(getattr(h, key), rel=0.02), (h.epoch, key)
-    ddp = _weights(uninterrupted)
-    ref = {**{f"g.{k}": v for k, v in single.generator.state_dict().items()},
-           **{f"d.{k}": v for k, v in single.discriminator.state_dict().items()}}
+    ddp, ref = _weights(uninterrupted), _weights(project / "single")
     params_only = [k for k in ref if ref[k].is_floating_point() and "running" not in k]
     diff = torch.cat([(ddp[k] - ref[k]).flatten() for k in params_only]).norm()
     size = torch.cat([ref[k].flatten() for k in params_only]).norm()
