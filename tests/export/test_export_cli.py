@@ -146,6 +146,17 @@ def test_register_carries_the_exports(project, tmp_path_factory,
         first, second = (_rows(p) for p in outs.values())
         assert first == second
 
+        # a registered model exports too, and its metadata names the version
+        uri = f"models:/{NAME}/{version.version}"
+        done = _invoke("export", uri, "--format", "onnx", "--out", fresh.root / "line")
+        assert done.exit_code == 0, done.output
+        meta = json.loads((fresh.root / "line" / "metadata.json").read_text())
+        assert meta["model"]["version"] == f"{NAME}/{version.version}"
+        assert meta["model"]["source"] == uri
+        assert meta["data_version"] == version.data_version
+        done = _invoke("export", uri, "--format", "onnx")
+        assert_one_line_error(done, "--out is needed for a registered model")
+
         # a stale export (the model re-evaluated since) is refused before anything is logged
         versions_before = len(reg.client.search_model_versions(f"name='{NAME}'"))
         meta_file = fresh.out / "export" / "onnx" / "metadata.json"
