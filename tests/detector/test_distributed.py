@@ -228,13 +228,14 @@ def test_one_process_under_torchrun_from_the_stage_runner_gives_the_same_weights
     """``--nproc-per-node 1`` through the in-process stage runner (what the training
     flow's Prefect task calls): torchrun runs as a subprocess, and the whole distributed
     path at world size 1 (DDP, shards, averaged losses, rank-0 writes) reaches the
-    single-process weights bit for bit."""
+    single-process weights bit for bit; with ``--evaluate`` rank 0 evaluates."""
     from components.cli.stage_runner import run_nestad_command
 
     out = project / "one"
     code = run_nestad_command(f"nestad train -p {project / 'params.yaml'} --out {out} "
-                              "--nproc-per-node 1", project)
+                              "--nproc-per-node 1 --evaluate", project)
     assert code == 0
+    assert (out / "metrics.json").is_file() and (out / "model" / "detector.pt").is_file()
     log = (out / "logs" / "torchrun.log").read_text()
     assert "torch.distributed.run --nproc-per-node 1" in log
     assert load_checkpoint(out / "checkpoints" / "last.pt")["world_size"] == 1
