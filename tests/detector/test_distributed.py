@@ -144,6 +144,23 @@ def test_a_batch_that_does_not_divide_is_a_config_error_naming_the_key() -> None
         parse_params({"train": {"distributed": {"nproc_per_node": 1, "nnodes": 2}}})
 
 
+def test_the_launch_command_is_standalone_on_one_node_and_c10d_with_an_endpoint() -> None:
+    from components.cli.torchrun import torchrun_command
+    from components.config import DistributedConfig
+
+    one = torchrun_command(DistributedConfig(nproc_per_node=2), ["--out", "o"], python="py")
+    assert one == ["py", "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes",
+                   "1", "--max-restarts", "0", "--standalone", "-m", WORKER_MODULE,
+                   "--out", "o"]
+    many = torchrun_command(DistributedConfig(nproc_per_node=8, nnodes=2, max_restarts=3,
+                                              rdzv_endpoint="node0:29400"), [], python="py")
+    assert "--standalone" not in many
+    assert many[many.index("--rdzv-endpoint") + 1] == "node0:29400"
+    assert many[many.index("--rdzv-backend") + 1] == "c10d"
+    assert many[many.index("--nnodes") + 1] == "2"
+    assert many[many.index("--max-restarts") + 1] == "3"
+
+
 def test_failure_message_names_the_rank_and_the_signal(tmp_path) -> None:
     log = ("Root Cause (first observed failure):\n[0]:\n  time      : now\n"
            "  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 42)\n")
