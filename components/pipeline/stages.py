@@ -182,7 +182,11 @@ def monitoring_reference(splits: DatasetSplits, val_scores: np.ndarray, norm, wh
     folder's manifest holds the configured channels, so none is recorded for it."""
     from components.data.manifest import MANIFEST_NAME
 
-    rows = splits.manifest[splits.manifest["split"].isin(["train", "val"])]
+    manifest = splits.manifest
+    if not {"split", "width", "height", "channels"} <= set(manifest.columns):
+        # a hand-made split without manifest rows: no sizes or bands known
+        manifest = manifest.reindex(columns=["split", "width", "height", "channels"])
+    rows = manifest[manifest["split"].isin(["train", "val"])]
     ingested = (Path(source).expanduser() / MANIFEST_NAME).is_file()
     return build_reference(val_scores, splits.val.images.numpy(),
                            zip(rows["width"], rows["height"], strict=True),
