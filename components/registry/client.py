@@ -53,12 +53,18 @@ def _mlflow(cfg: RegistryConfig | None = None) -> Any:
 
 
 def tracking_uri(cfg: RegistryConfig, root: Path) -> str:
-    """``cfg.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else SQLite in ``root``."""
-    return (
+    """``cfg.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else SQLite in ``root``.
+
+    A bare ``postgresql://`` names the psycopg2 driver nestad installs: SQLAlchemy 2.1
+    would pick psycopg 3, which is not installed."""
+    uri = (
         cfg.tracking_uri
         or os.environ.get("MLFLOW_TRACKING_URI")
         or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
     )
+    if uri.startswith("postgresql://"):
+        uri = "postgresql+psycopg2://" + uri.removeprefix("postgresql://")
+    return uri
 
 
 @dataclass
@@ -165,6 +171,14 @@ def _experiment_id(reg: Registry) -> str:
     location = reg.cfg.artifact_location
     if location is None and reg.uri.startswith("sqlite:"):
         location = (reg.root / "mlartifacts").as_uri()
+    elif location is None and reg.uri.startswith(("postgresql", "mysql", "mssql")):
+        # A shared database without a server: artefacts would land in ./mlruns of
+        # whichever host wrote them; make the shared place explicit.
+        raise RegistryError(
+            f"registry.tracking_uri is a database ({reg.uri.split('://')[0]}://...): set "
+            "registry.artifact_location to a shared store (e.g. s3://bucket/mlflow), or "
+            "run `mlflow server --artifacts-destination ...` and point tracking_uri at it"
+        )
     try:
         return reg.client.create_experiment(reg.cfg.experiment, artifact_location=location)
     except Exception as exc:  # noqa: BLE001 - created concurrently by another process
