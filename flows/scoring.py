@@ -50,12 +50,6 @@ class BatchScoringReport:
         return sum(bool(r["is_anomaly"]) for r in self.rows)
 
 
-@task(name="list-images", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def list_task(sources: list[str], s3: IngestConfig) -> list[ImageRef]:
-    """Every image the sources name (an S3 prefix is listed page by page)."""
-    return list_images(sources, s3)
-
-
 @task(name="score-chunk", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def score_task(model: str, refs: list[ImageRef], threshold: str | None,
                s3: IngestConfig) -> list[dict]:
@@ -70,7 +64,9 @@ def batch_scoring_flow(sources: list[str], model: str, output: str | None = None
     """Score every image the sources name with ``model``; one row per image, in order."""
     s3 = s3 or IngestConfig()
     load_scorer(Path(model), threshold)  # a bad model file fails here, before any work
-    refs = list_task(sources, s3)
+    # Listed in the flow itself (botocore retries the requests): a bad source is one clear
+    # error from the flow, before any task runs.
+    refs = list_images(sources, s3)
     chunks = chunked(refs, chunk_size)
     futures = [score_task.submit(model, c, threshold, s3) for c in chunks]
     rows: list[dict] = []
