@@ -229,10 +229,9 @@ def load_splits(cfg: DataConfig, progress: Progress | None = None,
                          warnings)
 
 
-def load_images(paths: list[Path], image_size: int, channels: int, workers: int = 2,
-                rules: ImageRules | None = None) -> tuple[torch.Tensor, list[str]]:
-    """Decode files, or every image file under folders, for scoring, by the rules training
-    applied (``rules``; default: the config defaults): what it refuses is not scored."""
+def image_files(paths: list[Path]) -> list[Path]:
+    """The files to score: each path in turn, a folder's image files sorted (hidden files and
+    other suffixes skipped); an empty folder or a missing path is a DataError."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -246,8 +245,15 @@ def load_images(paths: list[Path], image_size: int, channels: int, workers: int 
             files.append(path)
         else:
             raise DataError(f"{path}: no such file or folder")
+    return files
+
+
+def load_images(paths: list[Path], image_size: int, channels: int, workers: int = 2,
+                rules: ImageRules | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Decode files, or every image file under folders, for scoring, by the rules training
+    applied (``rules``; default: the config defaults): what it refuses is not scored."""
     items = []
-    for file in files:
+    for file in image_files(paths):
         try:
             items.append((str(file), file.read_bytes()))
         except OSError as exc:

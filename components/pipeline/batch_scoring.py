@@ -21,7 +21,8 @@ import numpy as np
 
 from components.config import IngestConfig
 from components.data.images import decode_image, to_model_input
-from components.data.layout import IMAGE_SUFFIXES, is_hidden
+from components.data.layout import IMAGE_SUFFIXES
+from components.data.splits import image_files
 from components.detector.package import load_detector
 from components.errors import DataError, NestadError
 
@@ -51,18 +52,7 @@ def list_images(sources: Iterable[str | Path], s3: IngestConfig | None = None) -
         if is_s3(str(source)):
             refs.extend(_list_s3(str(source), s3 or IngestConfig()))
             continue
-        path = Path(source)
-        if path.is_dir():
-            found = sorted(f for f in path.rglob("*")
-                           if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                           and not is_hidden(f.relative_to(path).as_posix()))
-            if not found:
-                raise DataError(f"{path}: folder holds no image files")
-            refs.extend(ImageRef(str(f)) for f in found)
-        elif path.is_file():
-            refs.append(ImageRef(str(path)))
-        else:
-            raise DataError(f"{path}: no such file or folder")
+        refs.extend(ImageRef(str(f)) for f in image_files([Path(source)]))
     return refs
 
 
