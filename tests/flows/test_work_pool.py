@@ -4,19 +4,17 @@ running the training flow on a tiny project, the model registered; the worker st
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow_support import bin_path, free_port
 from pipeline_support import REPO, make_project, pipeline_env
+from server_support import logged_server
 
 POOL = "nestad-test-process"
 
@@ -58,7 +56,8 @@ def test_a_process_worker_runs_the_deployed_training_flow(
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = make_project(tmp_path / "base")
-    with _prefect_server(port, tmp_path / "server.log"):
+    with logged_server([bin_path("prefect"), "server", "start", "--host", "127.0.0.1",
+                        "--port", str(port)], f"{api}/health", tmp_path / "server.log"):
         _prefect("work-pool", "create", POOL, "--type", "process")
         _prefect("--no-prompt", "deploy", "--prefect-file", str(REPO / "prefect.yaml"),
                  "-n", "training-process", "--pool", POOL, "--param", f"project={root}")
@@ -92,40 +91,6 @@ def test_a_process_worker_runs_the_deployed_training_flow(
     assert [m.version for m in models] == ["1"]
     assert "production" in models[0].aliases
     assert (project.out / "model" / "detector.pt").is_file()
-
-
-@contextlib.contextmanager
-def _prefect_server(port: int, log: Path) -> Iterator[None]:
-    """``prefect server start`` on 127.0.0.1:``port`` (output to ``log``: a pipe nobody
-    reads would fill up and stall the server) until the block ends."""
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [bin_path("prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-             str(port)], stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy(),
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health",
-                                                timeout=2) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"prefect server did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
-            yield
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def _wait_for(run_id: str, timeout: float) -> str:

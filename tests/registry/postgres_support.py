@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mlflow_support import free_port
 
 
 def pg_bin(name: str) -> str | None:
@@ -43,14 +44,6 @@ def _as_owner() -> tuple[list[str], int | None, int | None]:
     pytest.skip("running as root and no postgres/nobody user to own a PostgreSQL cluster")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def postgres_server(database: str = "mlflow", user: str = "mlflow") -> Iterator[str]:
     """Start a fresh cluster (trust auth, loopback only, no fsync: a test store) and yield
@@ -62,7 +55,7 @@ def postgres_server(database: str = "mlflow", user: str = "mlflow") -> Iterator[
     root = Path(tempfile.mkdtemp(prefix="nestad-pg-", dir="/tmp" if uid is not None else None))
     if uid is not None:
         os.chown(root, uid, gid)
-    data, port = root / "db", _free_port()
+    data, port = root / "db", free_port()
     run = {"capture_output": True, "text": True, "cwd": root}
     done = subprocess.run([*prefix, initdb, "-D", str(data), "-A", "trust", "-U", user,
                            "-E", "UTF8", "--no-sync"], **run)
@@ -99,37 +92,3 @@ def postgres_server(database: str = "mlflow", user: str = "mlflow") -> Iterator[
                        **run)
         shutil.rmtree(root, ignore_errors=True)
 
-
-@contextlib.contextmanager
-def logged_server(args: list[str], health_url: str, log: Path,
-                  timeout: float = 240) -> Iterator[subprocess.Popen]:
-    """Run a server with its output going to ``log`` (a pipe nobody reads fills up and
-    stalls a server that logs, e.g. every refused promotion-lock insert) until the block
-    ends; wait for ``health_url`` to answer 200 first."""
-    import signal
-    import urllib.request
-
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT,
-                                env=os.environ.copy(), start_new_session=True)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    with urllib.request.urlopen(health_url, timeout=2) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"{args[0]} did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.3)
-            yield proc
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()

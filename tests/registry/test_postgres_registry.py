@@ -26,7 +26,8 @@ from mlflow_support import (
     tiny_params,
     write_params,
 )
-from postgres_support import logged_server, postgres_server
+from postgres_support import postgres_server
+from server_support import logged_server
 
 from components.decisions import CANDIDATE, PRODUCTION
 
