@@ -177,3 +177,22 @@ def test_score_command_workers_prints_csv_with_an_error_column(
                                              "--workers", "2", "--maps", "m"])
     assert refused.exit_code == 2 and "--maps" in refused.output
     assert IngestConfig().s3_endpoint_url is None
+
+
+def test_an_existing_dask_cluster_by_address(model: Path, folder: Path, prefect: None) -> None:
+    """``--dask-address``: the scheduler of a cluster started elsewhere (here in-process,
+    so its workers share this test's Prefect API) runs the chunks."""
+    from distributed import LocalCluster
+
+    from flows.scoring import score_in_parallel
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=None) as cluster:
+        report = score_in_parallel([str(folder / "b")], model, None,
+                                   address=cluster.scheduler_address, chunk_size=2)
+    assert report.address == cluster.scheduler_address and report.workers is None
+    assert report.chunks == 3 and report.failed == 0
+    serial = _by_path(score_paths(model, [folder / "b"], None))
+    assert [r["path"] for r in report.rows] == list(serial)
+    assert [r["score"] for r in report.rows] == pytest.approx(
+        [s["score"] for s in serial.values()], rel=1e-6)
