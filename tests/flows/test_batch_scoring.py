@@ -196,3 +196,30 @@ def test_an_existing_dask_cluster_by_address(model: Path, folder: Path, prefect:
     assert [r["path"] for r in report.rows] == list(serial)
     assert [r["score"] for r in report.rows] == pytest.approx(
         [s["score"] for s in serial.values()], rel=1e-6)
+
+
+def test_a_chunk_that_fails_as_a_whole_gives_error_rows_not_a_lost_batch(
+    model: Path, folder: Path, prefect: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import flows.scoring
+    from flows.scoring import score_in_parallel
+
+    refs = list_images([folder / "b"])
+    doomed = refs[2].path
+    calls = tmp_path / "calls"  # a file: the task function travels pickled, its closure too
+
+    def flaky(model_, chunk, *args, **kwargs):  # the threaded workers share this process
+        if any(r.path == doomed for r in chunk):
+            with calls.open("a") as fh:
+                fh.write("call\n")
+            raise RuntimeError("worker lost")
+        return score_chunk(model_, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(flows.scoring, "score_chunk", flaky)
+    report = score_in_parallel([str(folder / "b")], model, None, workers=2, chunk_size=2)
+    assert calls.read_text().count("call") == 2  # tried, then retried once
+    assert [r["path"] for r in report.rows] == [r.path for r in refs]
+    lost = [r for r in report.rows if r["error"]]
+    assert [r["path"] for r in lost] == [refs[2].path, refs[3].path]  # the doomed chunk
+    assert all("chunk failed: " in r["error"] and "worker lost" in r["error"] for r in lost)
+    assert all(r["score"] is not None for r in report.rows if not r["error"])
