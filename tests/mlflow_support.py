@@ -282,7 +282,11 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            log = getattr(proc, "log_file", None)
+            if log is not None:
+                log.seek(0)
+            source = log if log is not None else proc.stdout
+            out = source.read().decode(errors="replace") if source else ""
             pytest.fail(f"server exited with {proc.returncode}:\n{out[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
@@ -295,14 +299,19 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
 
 @contextlib.contextmanager
 def server(args: list[str], health_url: str, timeout: float = 90.0) -> Iterator[subprocess.Popen]:
-    """Run a server process until the block ends; stop it (and its children) after."""
+    """Run a server process until the block ends; stop it (and its children) after.
+
+    Its output goes to a temporary file, not a pipe: a pipe nobody reads fills up (64 KiB)
+    and stalls a server that logs a lot (MLflow answering many artefact downloads)."""
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
     proc = subprocess.Popen(
         args,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         env=os.environ.copy(),
         start_new_session=True,
     )
+    proc.log_file = log  # type: ignore[attr-defined]
     try:
         wait_http(health_url, proc, timeout)
         yield proc
@@ -314,8 +323,7 @@ def server(args: list[str], health_url: str, timeout: float = 90.0) -> Iterator[
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+        log.close()
 
 
 def git_head(root: Path) -> str:
