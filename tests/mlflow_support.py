@@ -373,3 +373,39 @@ def write_params(project: Project, name: str = "params.yaml", **registry: Any) -
     path = project.root / name
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path
+
+
+def race_gated_promotions(reg: Any, versions: list[str], set_candidate: Any,
+                          **promote_kwargs: Any) -> list[Any]:
+    """Pipelines at once, one thread per version: each takes ``candidate`` for its version
+    (``set_candidate(version)``) and runs the gate, again while another holds
+    ``candidate``. Returns every promotion result; fails on any other error."""
+    import threading
+
+    from components.registry.client import RegistryError
+    from components.registry.promote import promote_auto
+
+    barrier = threading.Barrier(len(versions))
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def pipeline(version: str) -> None:
+        barrier.wait()
+        for _ in range(100):  # another pipeline may take `candidate` before the gate runs
+            set_candidate(version)
+            try:
+                results.extend(promote_auto(reg, version, **promote_kwargs))
+                return
+            except RegistryError as exc:
+                if "must be candidate" not in str(exc):
+                    errors.append(exc)
+                    return
+        errors.append(RuntimeError(f"version {version} never reached the gate"))
+
+    threads = [threading.Thread(target=pipeline, args=(v,)) for v in versions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return results

@@ -10,7 +10,6 @@ client (``registry.tracking_uri: postgresql://...``, artefacts ``s3://``), no se
 from __future__ import annotations
 
 import json
-import threading
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from mlflow_support import (
     loopback,
     new_project,
     quiet_env,
+    race_gated_promotions,
     tiny_params,
     write_params,
 )
@@ -56,31 +56,10 @@ def _rival(reg: Any, base: Any, value: float) -> str:
 def _race(reg: Any, versions: list[str]) -> list[Any]:
     """Two pipelines at once, each taking ``candidate`` for its version and running the
     gate; retried while the other holds ``candidate``."""
-    from components.registry.client import RegistryError
-    from components.registry.promote import promote_auto
-
-    barrier, results, errors = threading.Barrier(len(versions)), [], []
-
-    def pipeline(version: str) -> None:
-        barrier.wait()
-        for _ in range(100):
-            reg.client.set_registered_model_alias(NAME, CANDIDATE, version)
-            try:
-                results.extend(promote_auto(reg, version, reason="racing pipeline"))
-                return
-            except RegistryError as exc:
-                if "must be candidate" not in str(exc):
-                    errors.append(exc)
-                    return
-        errors.append(RuntimeError(f"version {version} never reached the gate"))
-
-    threads = [threading.Thread(target=pipeline, args=(v,)) for v in versions]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
-    return results
+    return race_gated_promotions(
+        reg, versions,
+        lambda version: reg.client.set_registered_model_alias(NAME, CANDIDATE, version),
+        reason="racing pipeline")
 
 
 def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from mlflow_support import PYTHON, Project, quiet_env, registered_project, write_params
+from mlflow_support import (
+    PYTHON,
+    Project,
+    quiet_env,
+    race_gated_promotions,
+    registered_project,
+    write_params,
+)
 
 from components.decisions import (
     CANDIDATE,
@@ -245,8 +252,8 @@ def test_racing_gated_promotions_keep_one_production_and_the_best(
     """Pipelines racing to register a candidate and run the gate: under the lock every
     gate sees the production it replaces, so the best version ends up in production
     whatever the order, and no production version is replaced twice."""
-    from components.registry.client import RegistryError, _retry
-    from components.registry.promote import promote, promote_auto
+    from components.registry.client import _retry
+    from components.registry.promote import promote
 
     _, base_reg = registered
     base = base_reg.client.get_model_version_by_alias(base_reg.name, CANDIDATE)
@@ -254,29 +261,10 @@ def test_racing_gated_promotions_keep_one_production_and_the_best(
     first = _add_version(reg, base, 0.50)
     promote(reg, PRODUCTION, first, force=True)
     values = {_add_version(reg, base, v): v for v in (0.61, 0.93, 0.72, 0.85)}
-    barrier = threading.Barrier(len(values))
-    results: list[Any] = []
-    errors: list[BaseException] = []
-
-    def pipeline(version: str) -> None:
-        barrier.wait()
-        for _ in range(100):  # another pipeline may take `candidate` before the gate runs
-            _retry(lambda: reg.client.set_registered_model_alias(reg.name, CANDIDATE, version))
-            try:
-                results.extend(promote_auto(reg, version))
-                return
-            except RegistryError as exc:
-                if "must be candidate" not in str(exc):
-                    errors.append(exc)
-                    return
-        errors.append(RuntimeError(f"version {version} never reached the gate"))
-
-    threads = [threading.Thread(target=pipeline, args=(v,)) for v in values]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    results = race_gated_promotions(
+        reg, list(values),
+        lambda version: _retry(
+            lambda: reg.client.set_registered_model_alias(reg.name, CANDIDATE, version)))
     assert sorted(r.version for r in results if r.target == PRODUCTION) == sorted(values)
     best = max(values, key=values.get)
     assert _holders(reg, PRODUCTION) == [best]
