@@ -136,8 +136,8 @@ def _evaluate(root: Path) -> None:
     """An evaluated run folder from untrained networks (training is tested elsewhere)."""
     import torch
 
+    from components.detector.checkpoints import CHECKPOINT_FORMAT, save_atomic
     from components.detector.networks import build_networks
-    from components.detector.train import CHECKPOINT_FORMAT, save_atomic
     from components.pipeline.stages import evaluate_stage
 
     params = tiny_params(root, evaluate={"plots": False})

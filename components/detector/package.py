@@ -12,10 +12,10 @@ from typing import Any
 
 from components.config import ModelConfig
 from components.data.images import ImageRules, image_rules
+from components.detector.checkpoints import load_state_file, save_atomic
 from components.detector.evaluate import NormStats
 from components.detector.networks import build_networks
 from components.detector.score import AnomalyDetector, MapSettings
-from components.detector.train import load_state_file, save_atomic
 from components.errors import ModelFileError
 
 MODEL_FORMAT = "nestad-model/1"

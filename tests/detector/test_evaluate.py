@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from components.config import EvaluateConfig
 from components.data.images import to_model_input
 from components.data.splits import ImageSet, load_splits
+from components.detector.checkpoints import load_checkpoint
 from components.detector.evaluate import (
     NormStats,
     classification_metrics,
@@ -25,7 +26,6 @@ from components.detector.evaluate import (
 )
 from components.detector.package import build_detector, load_detector
 from components.detector.score import score_images
-from components.detector.train import load_checkpoint
 from components.pipeline.stages import evaluate_stage, score_paths, train_stage
 from components.runtime import Runtime
 

@@ -29,8 +29,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An evaluated run folder (untrained tiny networks) with about 150 validation
     normals, its params.yaml, and two batches: ``like/`` (new images of the training kind)
     and ``bright/`` (the same images + 80 grey levels)."""
+    from components.detector.checkpoints import CHECKPOINT_FORMAT, save_atomic
     from components.detector.networks import build_networks
-    from components.detector.train import CHECKPOINT_FORMAT, save_atomic
     from components.pipeline.stages import evaluate_stage
 
     root = tmp_path_factory.mktemp("monitor")
@@ -180,8 +180,8 @@ def test_bad_input_is_one_line_and_exit_2(project: Path, tmp_path: Path, what: s
 
 
 def test_a_model_without_reference_is_refused(project: Path, tmp_path: Path):
+    from components.detector.checkpoints import load_state_file, save_atomic
     from components.detector.package import MODEL_FILE
-    from components.detector.train import load_state_file, save_atomic
 
     state = load_state_file(project / "outputs" / "model" / MODEL_FILE, "nestad-model/1",
                             "model", "no model")

@@ -60,6 +60,7 @@ def note(marker: Path, text: str) -> None:
 def _hook_training(kind: str, k: int, marker: Path) -> None:
     import torch
 
+    import components.detector.checkpoints as checkpoints
     import components.detector.train as train
 
     done = {"step": 0}
@@ -101,7 +102,7 @@ def _hook_training(kind: str, k: int, marker: Path) -> None:
         replace(src, dst, *args, **kwargs)
 
     torch.save = hooked_save
-    train.os.replace = hooked_replace  # the os module: this process only
+    checkpoints.os.replace = hooked_replace  # the os module: this process only
 
 
 def _hook_ingest(kind: str, k: int, marker: Path) -> None:

@@ -177,7 +177,7 @@ def _train_args(source: Path, out: Path) -> list[object]:
 
 def _train_state(out: Path) -> dict[str, Any]:
     """Everything training leaves that must not depend on interruptions."""
-    from components.detector.train import load_checkpoint
+    from components.detector.checkpoints import load_checkpoint
 
     last = load_checkpoint(out / "checkpoints" / "last.pt")
     for epoch in last["history"]:
