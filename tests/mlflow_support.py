@@ -409,3 +409,14 @@ def race_gated_promotions(reg: Any, versions: list[str], set_candidate: Any,
         thread.join()
     assert not errors, errors
     return results
+
+
+def dataset_test_images(root: Path) -> list[Path]:
+    """The test images of a project's tiny dataset (``root / DATASET / "test"``), sorted."""
+    return sorted((root / DATASET / "test").rglob("*.png"))
+
+
+def template_detector(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """The project template's trained ``detector.pt`` and its test images."""
+    root = project_template(tmp_path_factory)
+    return root / "outputs" / "model" / "detector.pt", dataset_test_images(root)

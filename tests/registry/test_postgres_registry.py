@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 from mlflow_support import (
-    DATASET,
     bin_path,
+    dataset_test_images,
     free_port,
     loopback,
     new_project,
@@ -32,10 +32,6 @@ from server_support import logged_server
 from components.decisions import CANDIDATE, PRODUCTION
 
 NAME = "nestad-detector"
-
-
-def _images(root: Path) -> list[Path]:
-    return sorted((root / DATASET / "test").rglob("*.png"))
 
 
 def _rival(reg: Any, base: Any, value: float) -> str:
@@ -163,7 +159,7 @@ def test_postgres_store_with_s3_artifacts_end_to_end(
                 # REST scoring of the production model, served from the registry
                 env.setenv("MLFLOW_TRACKING_URI", uri)
                 detector = resolve_model_uri(f"models:/{NAME}@production", project.root)
-                images = _images(project.root)
+                images = dataset_test_images(project.root)
                 expected = score_paths(detector, images, None)
                 serve_port = free_port()
                 with logged_server([bin_path("mlflow"), "models", "serve", "-m",

@@ -20,10 +20,10 @@ from mlflow_support import (
     DATASET,
     bin_path,
     free_port,
-    project_template,
     quiet_env,
     registered_project,
     server,
+    template_detector,
     write_params,
 )
 from typer.testing import CliRunner
@@ -42,9 +42,7 @@ from components.registry.serve import (
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
-    root = project_template(tmp_path_factory)
-    return root / "outputs" / "model" / "detector.pt", sorted((root / DATASET / "test").rglob(
-        "*.png"))
+    return template_detector(tmp_path_factory)
 
 
 def test_the_defaults_are_the_documented_ones() -> None:

@@ -20,10 +20,10 @@ from mlflow_support import (
     bin_path,
     free_port,
     loopback,
-    project_template,
     quiet_env,
     registered_project,
     server,
+    template_detector,
 )
 from PIL import Image
 
@@ -45,11 +45,7 @@ from components.registry.serve import (
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     """The template's detector.pt and its test images."""
-    root = project_template(tmp_path_factory)
-    return (
-        root / "outputs" / "model" / "detector.pt",
-        sorted((root / DATASET / "test").rglob("*.png")),
-    )
+    return template_detector(tmp_path_factory)
 
 
 def test_paths_and_base64_score_exactly_like_nestad_score(model: tuple[Path, list[Path]]) -> None:

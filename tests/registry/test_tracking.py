@@ -22,6 +22,7 @@ from mlflow_support import (
     REPO,
     Project,
     bin_path,
+    dataset_test_images,
     free_port,
     git_head,
     loopback,
@@ -39,10 +40,6 @@ from mlflow_support import (
 from components.config import RegistryConfig, flatten_params
 
 NAME = "nestad-detector"
-
-
-def _test_images(project: Project) -> list[Path]:
-    return sorted((project.root / DATASET / "test").rglob("*.png"))
 
 
 def _rel(project: Project, path: Path) -> str:
@@ -280,7 +277,7 @@ def test_the_packaged_model_gives_the_evaluation_scores_in_a_fresh_process(
     from components.registry.serve import encode_image
 
     project, _, _ = registered
-    images = _test_images(project)
+    images = dataset_test_images(project.root)
     request = tmp_path / "request.json"
     request.write_text(
         json.dumps({"path": [str(p) for p in images], "b64": [encode_image(p) for p in images[:3]]})
@@ -479,9 +476,9 @@ def test_real_server_register_promote_score_lineage(
                 )
 
                 detector = resolve_model_uri(f"models:/{NAME}@production", project.root)
-                rows = score_paths(detector, _test_images(project), None)
+                rows = score_paths(detector, dataset_test_images(project.root), None)
                 evaluation = read_scores(project.out / "test_scores.csv")
-                for image, row in zip(_test_images(project), rows, strict=True):
+                for image, row in zip(dataset_test_images(project.root), rows, strict=True):
                     assert row["score"] == pytest.approx(
                         evaluation[_rel(project, image)][0], rel=1e-5
                     )
