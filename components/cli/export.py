@@ -69,7 +69,7 @@ def _check_images(meta: dict[str, Any], images: list[Path] | None, cfg: Any):
 
     size, channels = meta["image_size"], meta["channels"]
     if images:
-        batch, names = load_images(images, size, channels)
+        batch, names = load_images(images, size, channels, rules=meta.get("image_rules"))
         return batch, f"{len(names)} images from {', '.join(map(str, images))}"
     if (cfg.data.image_size, cfg.data.channels) != (size, channels):
         why = (f"params data is {cfg.data.image_size} px x {cfg.data.channels}, the model "

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from components.config import Params
-from components.data.images import decode_image, probe_image, to_model_input
+from components.data.images import ImageRules, decode_image, probe_image, to_model_input
 from components.data.layout import IMAGE_SUFFIXES
 from components.decisions import DriftVerdict, should_retrain
 from components.detector.drift import REPORT_FORMAT, compare_batch
@@ -65,15 +65,16 @@ def read_batch(source: str, params: Params) -> list[tuple[str, bytes]]:
         src.close()
 
 
-def _decode(items: list[tuple[str, bytes]], size: int, channels: int, min_size: int
+def _decode(items: list[tuple[str, bytes]], size: int, channels: int, rules: ImageRules
             ) -> tuple[torch.Tensor, list[tuple[int, int]], list[int]]:
-    """uint8 (N, C, size, size) model inputs, source (width, height) and band counts."""
+    """uint8 (N, C, size, size) model inputs, source (width, height) and band counts, by
+    the image rules the model was trained with (what training refused is refused)."""
     arrays, sizes, bands = [], [], []
     for name, data in items:
         probe = probe_image(data)
         if probe.error:
             raise DataError(f"{name}: {probe.error}")
-        array, _ = decode_image(data, name, size, channels, min_size)  # (H, W, C)
+        array, _ = decode_image(data, name, size, channels, rules)  # (H, W, C)
         arrays.append(array)
         sizes.append((probe.width, probe.height))
         bands.append(probe.channels)
@@ -100,7 +101,7 @@ def monitor_batch(params: Params, source: str, model: str | Path, out_dir: Path,
         raise DataError(f"{source}: {len(items)} images, fewer than monitor.min_images="
                         f"{cfg.min_images}; the distribution tests need a larger batch")
     images, sizes, bands = _decode(items, meta["image_size"], meta["channels"],
-                                   params.data.min_image_size)
+                                   meta["image_rules"])
     scores, flagged = [], []
     batch = params.evaluate.batch_size
     for start in range(0, len(images), batch):
