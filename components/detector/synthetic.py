@@ -1,7 +1,10 @@
 """Synthetic anomalies made from normal images only: what the restoration detector is taught.
 
 An anomaly is a *mask* (where) filled with a *texture* (what), blended in with a random
-opacity:  x~ = x * (1 - b*m) + t * (b*m),  m in {0, 1}, b ~ U[opacity].
+opacity:  x~ = x * (1 - a) + t * a,  a = b * blur_s(m),  m in {0, 1}, b ~ U[opacity],
+s ~ U[0, feather] pixels. A soft edge (``feather`` > 0, NSA's argument for seamless
+blending) keeps the mask's outline from being the give-away, so the segmentation head must
+learn what a defect looks like, not where a paste ends; the label stays the hard mask m.
 
 Masks, of varied shape and size:
 - ``perlin``: thresholded Perlin noise at a random lattice resolution (1 ... 32 cells per
@@ -29,6 +32,7 @@ import torch
 from torch import Tensor
 
 from components.config import SyntheticConfig
+from components.detector.map_metrics import gaussian_blur
 
 MASK_KINDS = ("perlin", "scratch")
 TEXTURE_KINDS = ("noise", "colour", "stripes", "patch", "shade")
@@ -166,7 +170,11 @@ def synthesize_anomalies(x: Tensor, cfg: SyntheticConfig, g: torch.Generator
         kind = cfg.textures[_randint(g, 0, len(cfg.textures) - 1)]
         other = x[(i + _randint(g, 1, max(1, b - 1))) % b] if b > 1 else x[i]
         tex = _texture(kind, x[i], other, g).to(x.dtype)
-        alpha = m * _uniform(g, cfg.opacity_min, cfg.opacity_max)  # (h, w)
+        alpha = m
+        if cfg.feather > 0:  # soft edge; a thin scratch keeps its full strength at its centre
+            alpha = gaussian_blur(m[None, None], _uniform(g, 0.0, cfg.feather))[0, 0]
+            alpha = alpha / alpha.amax().clamp_min(1e-6)
+        alpha = alpha * _uniform(g, cfg.opacity_min, cfg.opacity_max)  # (h, w)
         out[i] = x[i] * (1 - alpha) + tex * alpha
         masks[i, 0] = m
     return out.clamp(-1, 1), masks

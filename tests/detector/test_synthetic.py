@@ -64,3 +64,19 @@ def test_scratch_masks_are_thin_and_inside():
     for _ in range(10):
         m = scratch_mask(64, 48, g, torch.device("cpu"))
         assert m.shape == (64, 48) and 0 < m.mean() < 0.2
+
+
+def test_feathered_edges_blend_softly_and_keep_the_hard_mask_as_label():
+    x = torch.full((4, 1, 48, 48), -1.0)  # black images, a white flat texture: alpha is visible
+    hard = SyntheticConfig(probability=1.0, textures=("colour",), opacity_min=1.0,
+                           scratch_fraction=0.0)
+    soft = hard.model_copy(update={"feather": 3.0})
+    xh, mh = synthesize_anomalies(x, hard, torch.Generator().manual_seed(2))
+    xs, ms = synthesize_anomalies(x, soft, torch.Generator().manual_seed(2))
+    assert set(ms.unique().tolist()) <= {0.0, 1.0} and (ms.flatten(1).sum(1) > 0).all()
+    changed_outside = ((xs != x) & (ms == 0)).flatten(1).any(1)
+    assert changed_outside.any()  # the blend runs past the label's edge ...
+    assert not ((xh != x) & (mh == 0)).any()  # ... which hard edges never do
+    assert xs.min() >= -1 and xs.max() <= 1
+    again = synthesize_anomalies(x, soft, torch.Generator().manual_seed(2))
+    assert torch.equal(again[0], xs) and torch.equal(again[1], ms)
