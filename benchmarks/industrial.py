@@ -106,6 +106,7 @@ def run_one(model: str, seed: int, args: argparse.Namespace, work: Path) -> dict
         "device": str(result.runtime.device),
         "precision": "bf16" if result.runtime.amp_dtype else "fp32",
         "counts": metrics["counts"],
+        "per_defect": metrics.get("per_defect"),
     }
 
 
@@ -120,6 +121,14 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             if values:
                 row[key] = {"mean": statistics.fmean(values),
                             "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        by_type = [r["per_defect"] for r in mine if r.get("per_defect")]
+        if by_type:  # runs cached before per-defect figures existed have none
+            row["per_defect"] = {
+                name: {key: {"mean": statistics.fmean(v), "std": statistics.stdev(v)
+                             if len(v) > 1 else 0.0, "n": len(v)}
+                       for key in ("image_auroc", "pixel_auroc")
+                       if (v := [t[name][key] for t in by_type if key in t.get(name, {})])}
+                for name in sorted({n for t in by_type for n in t})}
         table[model] = row
     return table
 
@@ -152,6 +161,20 @@ def write_markdown(path: Path, table: dict[str, dict[str, Any]], meta: dict[str,
             f"{_cell(row, 'image_auprc')} | {_cell(row, 'pixel_auroc')} | "
             f"{_cell(row, 'aupro')} | {_cell(row, 'synthetic_image_auroc')} | "
             f"{_cell(row, 'synthetic_pixel_auroc')} | {_cell(row, 'train_seconds', 0)} |")
+    typed = {m: r["per_defect"] for m, r in table.items() if r.get("per_defect")}
+    if typed:
+        names = sorted({n for t in typed.values() for n in t})
+        lines += ["", "Per defect type, each against the test normals: image AUROC / pixel "
+                  "AUROC (mean over the runs that have the figure; it chooses nothing).", "",
+                  "| model | " + " | ".join(names) + " |",
+                  "| --- |" + " --- |" * len(names)]
+        for model, types in typed.items():
+            cells = []
+            for name in names:
+                fig = types.get(name, {})
+                cells.append(" / ".join(f"{fig[k]['mean']:.3f}" if k in fig else "–"
+                                        for k in ("image_auroc", "pixel_auroc")))
+            lines.append(f"| {LABELS.get(model, model)} | " + " | ".join(cells) + " |")
     lines += ["", "Settings per model (on top of params.yaml):", ""]
     for model, (profile, overrides) in meta["settings"].items():
         lines.append(f"- {model}: profile `{profile}`, overrides `{' '.join(overrides)}`")

@@ -65,6 +65,12 @@ def _print_metrics(report, out: Path) -> None:
     if synthetic:
         console.print(f"synthetic validation (no test data): image AUROC "
                       f"{synthetic['image_auroc']:.4f}  pixel AUROC {synthetic['pixel_auroc']:.4f}")
+    per_defect = report.extra.get("per_defect") or {}
+    if len(per_defect) > 1:  # one type is the overall figure already
+        console.print("per defect type (against the test normals): " + "; ".join(
+            f"{name} ({row['count']}) image {row['image_auroc']:.3f}"
+            + (f" pixel {row['pixel_auroc']:.3f}" if "pixel_auroc" in row else "")
+            for name, row in per_defect.items()))
     if (out / "plots" / "overlays.png").is_file():
         console.print(f"overlays: {out / 'plots' / 'overlays.png'}")
     if (out / "report" / "index.html").is_file():

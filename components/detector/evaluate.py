@@ -31,6 +31,7 @@ from sklearn.metrics import (
 )
 
 from components.config import DataConfig, EvaluateConfig
+from components.detector.map_metrics import pixel_auroc
 from components.errors import DataError
 
 LEAK_FREE = (
@@ -190,6 +191,32 @@ def evaluate_scores(
     }
     return EvaluationReport(leak_free, paper, norm, counts, checkpoint_epoch,
                             extra={"thresholds": threshold_table(val_scores, norm, cfg.threshold)})
+
+
+def per_defect_figures(scores: np.ndarray, labels: list[str], is_anomaly: np.ndarray,
+                       maps: np.ndarray | None = None, masks: np.ndarray | None = None
+                       ) -> dict[str, dict[str, float | int]]:
+    """Figures per defect type (anomalous label): its images against all test normals.
+
+    ``image_auroc``: that type's scores against the normals'; ``pixel_auroc`` (when maps and
+    masks are given and the type has a marked pixel): map values of that type's images and
+    of the normal images against their masks. Reports which defects are found; it chooses
+    nothing.
+    """
+    scores, y = np.asarray(scores, dtype=np.float64), np.asarray(is_anomaly, dtype=bool)
+    names = np.asarray(labels)
+    normal = ~y
+    out: dict[str, dict[str, float | int]] = {}
+    for name in sorted(set(names[y].tolist())):
+        kind = y & (names == name)
+        pick = kind | normal
+        row: dict[str, float | int] = {"count": int(kind.sum())}
+        row["image_auroc"] = (float(roc_auc_score(kind[pick], scores[pick]))
+                              if normal.any() else float("nan"))
+        if maps is not None and masks is not None and np.asarray(masks)[kind].any():
+            row["pixel_auroc"] = pixel_auroc(np.asarray(maps)[pick], np.asarray(masks)[pick])
+        out[name] = row
+    return out
 
 
 def threshold_table(val_scores: np.ndarray, norm: NormStats, used: str) -> dict[str, Any]:

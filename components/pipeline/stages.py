@@ -34,6 +34,7 @@ from components.detector.evaluate import (
     EvaluationReport,
     evaluate_scores,
     normalise,
+    per_defect_figures,
     require_both_classes,
     write_metrics,
     write_plots,
@@ -141,6 +142,9 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
             "protocol": "leak-free: maps of the sealed test split against its ground-truth "
                         "masks at the model input size",
             "auroc": pixel_auroc(test.maps, truth), "aupro": aupro(test.maps, truth, 0.3)}
+    report.extra["per_defect"] = per_defect_figures(
+        test.score, splits.test.labels, splits.test.is_anomaly, test.maps,
+        None if masks is None else np.asarray(masks))
     report.extra["runtime"] = {"device": str(runtime.device),
                                "precision": "bf16" if runtime.amp_dtype else "fp32"}
     reference = monitoring_reference(splits, val.score, report.norm, cfg.threshold,

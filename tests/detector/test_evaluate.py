@@ -23,6 +23,7 @@ from components.detector.evaluate import (
     evaluate_scores,
     fit_normalisation,
     normalise,
+    per_defect_figures,
 )
 from components.detector.package import build_detector, load_detector
 from components.detector.score import score_images
@@ -130,6 +131,26 @@ def test_threshold_free_metrics_do_not_depend_on_the_normalisation() -> None:
     assert report.leak_free["auroc"] == pytest.approx(1.0)
     assert report.leak_free["auprc"] == pytest.approx(1.0)
     assert report.leak_free["auroc"] == pytest.approx(report.paper_compatible["auroc"])
+
+
+def test_per_defect_figures_rank_each_type_against_the_normals() -> None:
+    # normals 0.1 0.2 0.3; crack 0.25 (above two normals of three) and 0.9; hole 0.05
+    scores = np.array([0.1, 0.2, 0.3, 0.25, 0.9, 0.05])
+    labels = ["good", "good", "good", "crack", "crack", "hole"]
+    y = np.array([0, 0, 0, 1, 1, 1])
+    maps = np.zeros((6, 2, 2), dtype=np.float32)
+    masks = np.zeros((6, 2, 2), dtype=bool)
+    maps[3, 0, 0] = maps[4, 0, 0] = 1.0  # crack marked where the map is hot
+    masks[3, 0, 0] = masks[4, 0, 0] = True
+    masks[5, 1, 1] = True  # hole marked where the map is cold (0, like the normals)
+    out = per_defect_figures(scores, labels, y, maps, masks)
+    assert set(out) == {"crack", "hole"}
+    assert out["crack"]["count"] == 2 and out["hole"]["count"] == 1
+    assert out["crack"]["image_auroc"] == pytest.approx(5 / 6)
+    assert out["hole"]["image_auroc"] == 0.0
+    assert out["crack"]["pixel_auroc"] == 1.0
+    assert out["hole"]["pixel_auroc"] == pytest.approx(0.5)  # tied with all 15 normal pixels
+    assert "pixel_auroc" not in per_defect_figures(scores, labels, y)["crack"]
 
 
 def test_both_protocols_are_reported_and_labelled() -> None:

@@ -149,6 +149,10 @@ def test_the_test_split_chooses_nothing(trained, tmp_path) -> None:
     assert a["leak_free"]["at_target_fpr"]["threshold"] == b["leak_free"]["at_target_fpr"][
         "threshold"]
     assert "auroc" in a["pixel"] and "aupro" in a["pixel"]
+    # one defect type: its figures are the overall ones
+    assert a["per_defect"]["hole"]["count"] == 6
+    assert a["per_defect"]["hole"]["image_auroc"] == pytest.approx(a["leak_free"]["auroc"])
+    assert a["per_defect"]["hole"]["pixel_auroc"] == pytest.approx(a["pixel"]["auroc"])
     assert a["leak_free"]["auroc"] != b["leak_free"]["auroc"] or a["pixel"] != b["pixel"]
 
 
