@@ -88,8 +88,9 @@ def run_one(model: str, seed: int, args: argparse.Namespace, work: Path) -> dict
     if args.keep:
         keep = Path(args.keep) / f"{model}-{seed}"
         keep.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.json", "train_history.json"):
+        for name in ("metrics.json", "train_history.json", "test_scores.csv"):
             (keep / name).write_text((out / name).read_text())
+        (keep / "detector.pt").write_bytes((out / "model" / "detector.pt").read_bytes())
         if (out / "plots" / "overlays.png").is_file():
             (keep / "overlays.png").write_bytes((out / "plots" / "overlays.png").read_bytes())
     pixel = metrics.get("pixel", {})
@@ -206,7 +207,8 @@ def main() -> None:
     ap.add_argument("--baseline-width", type=int, default=16)
     ap.add_argument("--set", action="append", default=[], help="extra key=value for all")
     ap.add_argument("--out", default=str(ROOT / "results"))
-    ap.add_argument("--keep", default=None, help="folder to keep metrics and overlay grids")
+    ap.add_argument("--keep", default=None,
+                    help="folder to keep metrics, test scores, the model and overlay grids")
     ap.add_argument("--gallery", default=None, help="write a synthetic-anomaly gallery PNG")
     ap.add_argument("--reuse", action="store_true",
                     help="take runs already in <out>/industrial_runs/<model>-<seed>.json")
