@@ -80,11 +80,11 @@ class SyntheticConfig(_Section):
 
     probability: float = Field(0.5, ge=0.0, le=1.0)  # share of training images corrupted
     min_area: float = Field(0.005, gt=0.0, le=1.0)  # Perlin mask area, log-uniform
-    max_area: float = Field(0.15, gt=0.0, le=1.0)
+    max_area: float = Field(0.5, gt=0.0, le=1.0)
     scratch_fraction: float = Field(0.25, ge=0.0, le=1.0)  # masks that are thin polylines
     opacity_min: float = Field(0.3, gt=0.0, le=1.0)
     opacity_max: float = Field(1.0, gt=0.0, le=1.0)
-    feather: float = Field(0.0, ge=0.0, le=16.0)  # max Gaussian sigma (px) of the blend's edge
+    feather: float = Field(2.0, ge=0.0, le=16.0)  # max Gaussian sigma (px) of the blend's edge
     textures: tuple[Literal["noise", "colour", "stripes", "patch", "shade"], ...] = (
         "noise", "colour", "stripes", "patch", "shade")
     val_seed: int = Field(20_240_601, ge=0)  # the validation anomalies' fixed seed

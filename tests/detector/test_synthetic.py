@@ -21,14 +21,14 @@ def _batch(channels: int, n: int = 6, size: int = 32) -> torch.Tensor:
 @pytest.mark.parametrize("texture", TEXTURE_KINDS)
 def test_every_corrupted_image_has_a_non_empty_mask_and_stays_in_range(channels, texture):
     x = _batch(channels)
-    cfg = SyntheticConfig(probability=1.0, textures=(texture,))
+    cfg = SyntheticConfig(probability=1.0, textures=(texture,), feather=0.0)
     xt, m = synthesize_anomalies(x, cfg, torch.Generator().manual_seed(0))
     assert xt.shape == x.shape and xt.dtype == x.dtype
     assert m.shape == (len(x), 1, 32, 32)
     assert set(m.unique().tolist()) <= {0.0, 1.0}
     assert (m.flatten(1).sum(1) > 0).all()
     assert xt.min() >= -1 and xt.max() <= 1
-    # outside the mask the image is untouched
+    # hard edges (feather 0): outside the mask the image is untouched
     assert torch.equal(xt * (1 - m), x * (1 - m))
 
 
@@ -69,7 +69,7 @@ def test_scratch_masks_are_thin_and_inside():
 def test_feathered_edges_blend_softly_and_keep_the_hard_mask_as_label():
     x = torch.full((4, 1, 48, 48), -1.0)  # black images, a white flat texture: alpha is visible
     hard = SyntheticConfig(probability=1.0, textures=("colour",), opacity_min=1.0,
-                           scratch_fraction=0.0)
+                           scratch_fraction=0.0, feather=0.0)
     soft = hard.model_copy(update={"feather": 3.0})
     xh, mh = synthesize_anomalies(x, hard, torch.Generator().manual_seed(2))
     xs, ms = synthesize_anomalies(x, soft, torch.Generator().manual_seed(2))
