@@ -106,6 +106,7 @@ def run_one(model: str, seed: int, args: argparse.Namespace, work: Path) -> dict
         "train_seconds": round(seconds, 1), "best_epoch": result.best_epoch,
         "device": str(result.runtime.device),
         "precision": "bf16" if result.runtime.amp_dtype else "fp32",
+        "threads": result.runtime.threads or torch.get_num_threads(),
         "counts": metrics["counts"],
         "per_defect": metrics.get("per_defect"),
     }
@@ -240,8 +241,13 @@ def main() -> None:
                     print(json.dumps(run), flush=True)
     table = summarise(runs)
     device = runs[0]["device"] if runs else "cpu"
+    # runs cached before the thread count was recorded: the train.threads they were given
+    threads = sorted({r.get("threads") or next((int(o.split("=")[1]) for o in r["overrides"]
+                                                if o.startswith("train.threads=")),
+                                               torch.get_num_threads()) for r in runs})
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
-            f"{torch.get_num_threads()} threads", "device": device, "seeds": args.seeds,
+            f"training threads: {'/'.join(map(str, threads))}",
+            "device": device, "seeds": args.seeds,
             "settings": {m: model_overrides(m, args.baseline_size, args.baseline_epochs,
                                             args.baseline_width) for m in args.models}}
     out = Path(args.out)
