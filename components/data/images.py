@@ -231,16 +231,22 @@ def _decode(data: bytes, rules: ImageRules) -> tuple[Image.Image, int, str]:
         raise _Refused(f"unreadable or truncated image ({type(exc).__name__}: {exc})") from None
 
 
+def _read(data: bytes, name: str, channels: int, rules: ImageRules | int | None
+          ) -> tuple[Image.Image, int]:
+    """``read_image`` and the source's band count, from one decode."""
+    try:
+        img, bands, _ = _decode(data, _as_rules(rules))
+    except _Refused as exc:
+        raise DataError(f"{name}: {exc}") from None
+    want = "L" if channels == 1 else "RGB"
+    return (img if img.mode == want else img.convert(want)), bands
+
+
 def read_image(data: bytes, name: str, channels: int,
                rules: ImageRules | int | None = None) -> Image.Image:
     """Decode ``data`` by the rules into an upright 8-bit ``L`` (``channels`` 1) or ``RGB``
     image at its own size; ``DataError`` naming ``name`` and the reason otherwise."""
-    try:
-        img, _, _ = _decode(data, _as_rules(rules))
-    except _Refused as exc:
-        raise DataError(f"{name}: {exc}") from None
-    want = "L" if channels == 1 else "RGB"
-    return img if img.mode == want else img.convert(want)
+    return _read(data, name, channels, rules)[0]
 
 
 @dataclass(frozen=True)
@@ -272,12 +278,21 @@ def decode_image(data: bytes, name: str, image_size: int, channels: int,
 
     Also returns the original (upright) ``(width, height)``.
     """
-    img = read_image(data, name, channels, rules)
+    array, original, _ = decode_image_and_bands(data, name, image_size, channels, rules)
+    return array, original
+
+
+def decode_image_and_bands(data: bytes, name: str, image_size: int, channels: int,
+                           rules: ImageRules | int | None = None
+                           ) -> tuple[np.ndarray, tuple[int, int], int]:
+    """``decode_image`` plus the source's band count (1 grey, 3 RGB, 4 RGBA/CMYK ...), from
+    the same single decode."""
+    img, bands = _read(data, name, channels, rules)
     original = img.size
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
     array = np.asarray(img, dtype=np.uint8)
-    return (array[..., None] if channels == 1 else array), original
+    return (array[..., None] if channels == 1 else array), original, bands
 
 
 def decode_image_original(data: bytes, name: str, channels: int,

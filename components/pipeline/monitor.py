@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from components.config import Params
-from components.data.images import ImageRules, decode_image, probe_image, to_model_input
+from components.data.images import ImageRules, decode_image_and_bands, to_model_input
 from components.data.layout import IMAGE_SUFFIXES
 from components.decisions import DriftVerdict, should_retrain
 from components.detector.drift import REPORT_FORMAT, compare_batch
@@ -71,13 +71,11 @@ def _decode(items: list[tuple[str, bytes]], size: int, channels: int, rules: Ima
     the image rules the model was trained with (what training refused is refused)."""
     arrays, sizes, bands = [], [], []
     for name, data in items:
-        probe = probe_image(data)
-        if probe.error:
-            raise DataError(f"{name}: {probe.error}")
-        array, _ = decode_image(data, name, size, channels, rules)  # (H, W, C)
+        array, source_size, band_count = decode_image_and_bands(data, name, size, channels,
+                                                                rules)  # (H, W, C)
         arrays.append(array)
-        sizes.append((probe.width, probe.height))
-        bands.append(probe.channels)
+        sizes.append(source_size)
+        bands.append(band_count)
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return images, sizes, bands
 

@@ -216,11 +216,11 @@ def named_thresholds(norm: Mapping[str, Any], chosen: str) -> tuple[dict[str, fl
 
 
 def type_table(labels: Sequence[str], is_anomaly: np.ndarray, scores: np.ndarray,
-               flagged: np.ndarray, threshold_name: str) -> Table:
+               flagged: np.ndarray, threshold_name: str,
+               per_defect: Mapping[str, Mapping[str, Any]]) -> Table:
     """Per label: images, flagged at the chosen threshold, and for anomalous types the
-    image AUROC of that type against all normal test images."""
-    from sklearn.metrics import roc_auc_score
-
+    image AUROC of that type against all normal test images (``per_defect``: the
+    evaluation's ``per_defect`` figures, computed once there)."""
     labels = [str(x) for x in labels]
     truth = np.asarray(is_anomaly).astype(bool)
     scores, flagged = np.asarray(scores, dtype=np.float64), np.asarray(flagged).astype(bool)
@@ -229,10 +229,8 @@ def type_table(labels: Sequence[str], is_anomaly: np.ndarray, scores: np.ndarray
     for name in sorted(set(labels), key=lambda n: (truth[labels.index(n)], n)):
         mine = np.array([x == name for x in labels])
         kind = "anomalous" if truth[mine].all() else "normal" if normal[mine].all() else "mixed"
-        auroc = "-"
-        if kind == "anomalous" and normal.any():
-            both = mine | normal
-            auroc = _number(float(roc_auc_score(truth[both], scores[both])))
+        figure = per_defect.get(name, {}).get("image_auroc") if kind == "anomalous" else None
+        auroc = "-" if figure is None else _number(figure)
         hits = int(flagged[mine].sum())
         rows.append((name, kind, str(int(mine.sum())), str(hits),
                      _number(hits / max(int(mine.sum()), 1)),
@@ -308,7 +306,7 @@ def write_evaluation_report(folder: Path, scored: ScoredImages, metrics: Mapping
                  Figure(Picture(f"{IMAGES}/{types.name}", "scores per type"),
                         "Scores per test label: box (quartiles) and every image as a dot.")),
         type_tables=(type_table(scored.labels, scored.is_anomaly, scored.scores, scored.flagged,
-                                chosen),),
+                                chosen, metrics.get("per_defect", {})),),
         galleries=_galleries(folder, scored, per_group),
         notes=("Images are shown at the model input size: the input, then its anomaly map "
                "as a heat overlay (blue 0 to red 1, normalised on validation normals)"
