@@ -49,13 +49,27 @@ def augment_batch(x: Tensor, cfg: AugmentConfig, g: torch.Generator) -> Tensor:
     return out.clamp(-1, 1)
 
 
+def crop_offsets(side: int, size: int, count: int, g: torch.Generator) -> Tensor:
+    """``count`` crop offsets in [0, side - size] that reach the border as often as the centre
+    within a factor of 2.
+
+    A uniform offset covers pixel 0 in 1 crop of ``side - size + 1`` and the centre in every
+    one, so a model trained on crops hardly sees the border it is scored on. Drawing the
+    offset from [-(size - 1), side - 1] and clamping it covers every pixel with probability
+    between size / (side + size - 1) and twice that (results/experiments/crop_borders.md).
+    """
+    raw = torch.randint(-(size - 1), side, (count,), generator=g)
+    return raw.clamp(0, side - size)
+
+
 def random_crop(x: Tensor, size: int, g: torch.Generator) -> Tensor:
-    """One random ``size`` x ``size`` crop per image of (B, C, H, W); the input if it fits."""
+    """One random ``size`` x ``size`` crop per image of (B, C, H, W), border-covering offsets
+    (``crop_offsets``); the input if it fits."""
     b, _, h, w = x.shape
     if size >= h and size >= w:
         return x
     size_h, size_w = min(size, h), min(size, w)
-    top = torch.randint(0, h - size_h + 1, (b,), generator=g)
-    left = torch.randint(0, w - size_w + 1, (b,), generator=g)
+    top = crop_offsets(h, size_h, b, g)
+    left = crop_offsets(w, size_w, b, g)
     return torch.stack([x[i, :, int(top[i]):int(top[i]) + size_h,
                           int(left[i]):int(left[i]) + size_w] for i in range(b)])

@@ -3,7 +3,7 @@
 import torch
 
 from components.config import AugmentConfig
-from components.detector.augment import augment_batch, random_crop
+from components.detector.augment import augment_batch, crop_offsets, random_crop
 
 
 def _batch(n: int = 6, c: int = 3, h: int = 16, w: int = 16) -> torch.Tensor:
@@ -48,3 +48,15 @@ def test_random_crop_takes_windows_of_the_image() -> None:
         top, left = divmod(int(crop[0, 0, 0] - image[0, 0, 0]), 8)
         assert torch.equal(crop, image[:, top:top + 4, left:left + 4])
     assert torch.equal(random_crop(x, 8, torch.Generator()), x)
+
+
+def test_crop_offsets_cover_the_border_about_as_often_as_the_centre() -> None:
+    side, size = 128, 64
+    offsets = crop_offsets(side, size, 40_000, torch.Generator().manual_seed(0))
+    assert int(offsets.min()) == 0 and int(offsets.max()) == side - size
+    rows = torch.arange(side)
+    covered = ((offsets[:, None] <= rows) & (rows < offsets[:, None] + size)).float().mean(0)
+    expected_border = size / (side + size - 1)  # 0.335
+    assert abs(float(covered[0]) - expected_border) < 0.01
+    assert abs(float(covered[-1]) - expected_border) < 0.01
+    assert float(covered.max()) < 2.05 * float(covered.min())  # uniform offsets: 65x
