@@ -26,9 +26,11 @@ the conversions are decided here only, so an image one path accepts every path a
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -207,9 +209,20 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # P, RGBX, CMYK, YCbCr, HSV
 
 
+@functools.cache
+def _quiet_metadata_warnings() -> None:
+    """Silence Pillow's warnings about corrupt TIFF/EXIF metadata, process-wide, from the
+    first decode on. The pixels decode without it (or the decode fails with nestad's one
+    named error), so the lines ("Corrupt EXIF data", "Tag data larger than file") only
+    came before that error or a valid score as noise. A filter, not ``catch_warnings``:
+    decoding runs in threads, and ``catch_warnings`` is not thread-safe."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+
+
 def _decode(data: bytes, rules: ImageRules) -> tuple[Image.Image, int, str]:
     """The one decode: ``(8-bit L or RGB image, upright; the source's band count; its
     Pillow format)``, or ``_Refused`` saying why."""
+    _quiet_metadata_warnings()
     try:
         with _own_size_limit(), Image.open(io.BytesIO(data), formats=_OPENERS) as img:
             _check_size(img.size, rules, "before decoding")  # the header's size only

@@ -80,3 +80,37 @@ def test_huge_declared_sizes_are_refused_before_decoding(load_watch, side) -> No
     assert "refused before decoding" in probe_image(data, RULES).error
     _check(data, load_watch)
     assert load_watch == []
+
+
+def test_corrupt_metadata_prints_no_pillow_warning(tmp_path) -> None:
+    """A JPEG with truncated EXIF and bit-flipped TIFFs decode (or fail with the one named
+    error) without Pillow's "Corrupt EXIF data" / "Tag data larger than file" lines."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "decode.py"
+    script.write_text(
+        "import io, random\n"
+        "from PIL import Image\n"
+        "from components.data.images import decode_image\n"
+        "from components.errors import DataError\n"
+        "b = io.BytesIO()\n"
+        "Image.new('L', (16, 16), 7).save(b, 'JPEG', exif=b'Exif\\x00\\x00MM\\x00\\x2a\\x00"
+        "\\x00\\x00\\x08\\x00\\x05\\x01\\x12\\x00\\x03\\x00\\x00\\x00\\x01\\x00\\x06')\n"
+        "print(decode_image(b.getvalue(), 'exif.jpg', 8, 1)[0].shape)\n"
+        "b = io.BytesIO(); Image.new('L', (16, 16), 7).save(b, 'TIFF'); tif = b.getvalue()\n"
+        "rng = random.Random(1)\n"
+        "for _ in range(40):\n"
+        "    d = bytearray(tif)\n"
+        "    for _ in range(3): d[rng.randrange(8, len(d))] = rng.randrange(256)\n"
+        "    try: decode_image(bytes(d), 'x.tif', 8, 1)\n"
+        "    except DataError: pass\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-W", "default", str(script)], cwd=root,
+                          capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(8, 8, 1)"
+    assert "Warning" not in done.stderr, done.stderr
