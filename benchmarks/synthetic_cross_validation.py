@@ -30,16 +30,27 @@ from components.detector.synthetic_validation import (  # noqa: E402
     make_synthetic_validation,
     synthetic_validation_report,
 )
+from components.errors import NestadError  # noqa: E402
 from components.runtime import resolve_runtime  # noqa: E402
 
 SOURCE = "../shared/datasets/magnetic-tile.tar.gz"
 
 
-def _pairs(values: list[str]) -> dict[str, str]:
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    bad = [v for v in values if "=" not in v or not v.split("=", 1)[0]]
+    if bad:
+        raise NestadError(f"{option} {bad[0]!r}: expected NAME=VALUE")
     return dict(v.split("=", 1) for v in values)
 
 
 def main() -> None:
+    try:
+        _run()
+    except NestadError as exc:
+        sys.exit(f"error: {exc}")
+
+
+def _run() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, required=True, help="data.seed of the runs")
     ap.add_argument("--model", action="append", required=True, help="NAME=path/to/detector.pt")
@@ -48,14 +59,18 @@ def main() -> None:
     args = ap.parse_args()
     base = [f"data.source={SOURCE}", "data.channels=1", f"data.seed={args.seed}"]
     runtime = resolve_runtime("cpu", "fp32", False, False, "auto")
+    models = _pairs(args.model, "--model")
+    for path in models.values():  # every file checked before the slow part
+        if not Path(path).exists():
+            raise NestadError(f"--model {path}: no such file")
     sets = {}
-    for name, overrides in _pairs(args.variant).items():
+    for name, overrides in _pairs(args.variant, "--variant").items():
         params = load_params(ROOT / "params.yaml", profile="industrial",
                              overrides=[*base, *overrides.split(",")])
         val = load_splits(params.data, include=("val",)).val
         sets[name] = make_synthetic_validation(val.images, params.train.synthetic)
     table = []
-    for model_name, path in _pairs(args.model).items():
+    for model_name, path in models.items():
         detector, _ = load_detector(Path(path))
         for set_name, data in sets.items():
             scored = score_images(detector.generator, detector.discriminator, data.images,
