@@ -44,6 +44,7 @@ from components.detector.overlay import overlay_grid
 from components.detector.package import MODEL_FILE, build_detector, load_detector, save_detector
 from components.detector.score import MapSettings, score_images
 from components.detector.synthetic_validation import (
+    SyntheticValidationReport,
     choose_map_settings,
     make_synthetic_validation,
     synthetic_validation_report,
@@ -120,9 +121,14 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
                        settings, with_maps=True)
     map_stats = fit_map_stats(val.maps)  # display scale of maps: validation normals only
     detector.set_map_statistics(map_stats.low, map_stats.high)
-    scored = score_images(g, d, synthetic.images, cfg.score_weight, runtime, cfg.batch_size,
-                          settings, with_maps=True)
-    found = synthetic_validation_report(scored.score, scored.maps, synthetic)
+    if choices:  # the chosen candidate's figures: the same maps, not scored a second time
+        row = next(c for c in choices
+                   if (c["sigma"], c["top_k"]) == (settings.sigma, settings.top_k))
+        found = SyntheticValidationReport(row["image_auroc"], row["pixel_auroc"])
+    else:
+        scored = score_images(g, d, synthetic.images, cfg.score_weight, runtime,
+                              cfg.batch_size, settings, with_maps=True)
+        found = synthetic_validation_report(scored.score, scored.maps, synthetic)
     # The test split is scored once, after everything above is fixed.
     test = score_images(g, d, splits.test.images, cfg.score_weight, runtime, cfg.batch_size,
                         settings, with_maps=True)

@@ -154,6 +154,24 @@ def test_the_test_split_chooses_nothing(trained, tmp_path) -> None:
     assert a["per_defect"]["hole"]["image_auroc"] == pytest.approx(a["leak_free"]["auroc"])
     assert a["per_defect"]["hole"]["pixel_auroc"] == pytest.approx(a["pixel"]["auroc"])
     assert a["leak_free"]["auroc"] != b["leak_free"]["auroc"] or a["pixel"] != b["pixel"]
+    # the synthetic-validation figures (taken from the chosen candidate) are those of the
+    # saved model scoring the synthetic validation set again
+    from components.config import SyntheticConfig
+    from components.detector.package import load_detector
+    from components.detector.synthetic_validation import (
+        make_synthetic_validation,
+        synthetic_validation_report,
+    )
+    from components.runtime import resolve_runtime
+
+    detector, _ = load_detector(tmp_path / "run20" / "model")
+    data = make_synthetic_validation(val.images, SyntheticConfig())
+    again = score_images(detector.generator, detector.discriminator, data.images,
+                         detector.weight, resolve_runtime("cpu", "fp32", False, False, 1),
+                         settings=detector.settings, with_maps=True)
+    found = synthetic_validation_report(again.score, again.maps, data)
+    assert a["synthetic_validation"]["image_auroc"] == pytest.approx(found.image_auroc)
+    assert a["synthetic_validation"]["pixel_auroc"] == pytest.approx(found.pixel_auroc)
 
 
 def test_crop_training_builds_d_for_the_crop_and_evaluates_whole_images(tmp_path) -> None:
