@@ -58,14 +58,22 @@ SIGMAS = (0.0, 1.0, 2.0, 4.0)
 TOP_KS = (0.001, 0.01, 0.05)
 
 
+@dataclass
+class MapChoice:
+    """The map settings chosen on the synthetic validation set, the chosen candidate's
+    figures and the table of every candidate tried (it goes into metrics.json)."""
+
+    settings: MapSettings
+    report: SyntheticValidationReport
+    candidates: list[dict[str, float]]
+
+
 def choose_map_settings(raw_maps: np.ndarray, data: SyntheticValidationSet,
-                        sigma: float | str, top_k: float | str
-                        ) -> tuple[MapSettings, list[dict[str, float]]]:
+                        sigma: float | str, top_k: float | str) -> MapChoice:
     """The smoothing and top share that maximise the synthetic validation criterion (mean
     of image and pixel AUROC), over ``SIGMAS`` x ``TOP_KS`` where a value is ``"auto"``.
 
-    ``raw_maps`` (2N, H, W) are the unsmoothed maps of ``data``. Returns the choice and the
-    table of every candidate tried (it goes into metrics.json).
+    ``raw_maps`` (2N, H, W) are the unsmoothed maps of ``data``.
     """
     maps = torch.from_numpy(np.asarray(raw_maps, np.float32))[:, None]  # (2N, 1, H, W)
     sigmas = SIGMAS if sigma == "auto" else (float(sigma),)
@@ -79,7 +87,8 @@ def choose_map_settings(raw_maps: np.ndarray, data: SyntheticValidationSet,
             table.append({"sigma": s, "top_k": k, "image_auroc": image, "pixel_auroc": pixel,
                           "criterion": 0.5 * (image + pixel)})
     best = max(table, key=lambda row: row["criterion"])  # first of equals: the smaller values
-    return MapSettings(sigma=best["sigma"], top_k=best["top_k"]), table
+    return MapChoice(MapSettings(sigma=best["sigma"], top_k=best["top_k"]),
+                     SyntheticValidationReport(best["image_auroc"], best["pixel_auroc"]), table)
 
 
 def synthetic_validation_report(scores: np.ndarray, maps: np.ndarray,

@@ -44,7 +44,6 @@ from components.detector.overlay import overlay_grid
 from components.detector.package import MODEL_FILE, build_detector, load_detector, save_detector
 from components.detector.score import MapSettings, score_images
 from components.detector.synthetic_validation import (
-    SyntheticValidationReport,
     choose_map_settings,
     make_synthetic_validation,
     synthetic_validation_report,
@@ -110,21 +109,18 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
     detector.to(runtime.device)
     g, d = detector.generator, detector.discriminator
     synthetic = make_synthetic_validation(splits.val.images, params.train.synthetic)
-    choices = None
+    choice = None
     if params.model.name == "nested_restore" and "auto" in (cfg.map_sigma, cfg.map_top_k):
         raw = score_images(g, d, synthetic.images, cfg.score_weight, runtime, cfg.batch_size,
                            MapSettings(sigma=0.0, top_k=settings.top_k), with_maps=True)
-        settings, choices = choose_map_settings(raw.maps, synthetic, cfg.map_sigma,
-                                                cfg.map_top_k)
-        detector.settings = settings
+        choice = choose_map_settings(raw.maps, synthetic, cfg.map_sigma, cfg.map_top_k)
+        settings = detector.settings = choice.settings
     val = score_images(g, d, splits.val.images, cfg.score_weight, runtime, cfg.batch_size,
                        settings, with_maps=True)
     map_stats = fit_map_stats(val.maps)  # display scale of maps: validation normals only
     detector.set_map_statistics(map_stats.low, map_stats.high)
-    if choices:  # the chosen candidate's figures: the same maps, not scored a second time
-        row = next(c for c in choices
-                   if (c["sigma"], c["top_k"]) == (settings.sigma, settings.top_k))
-        found = SyntheticValidationReport(row["image_auroc"], row["pixel_auroc"])
+    if choice:  # the chosen candidate's figures: the same maps, not scored a second time
+        found = choice.report
     else:
         scored = score_images(g, d, synthetic.images, cfg.score_weight, runtime,
                               cfg.batch_size, settings, with_maps=True)
@@ -138,8 +134,9 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
                     f"(seed {params.train.synthetic.val_seed}); no test data",
         "image_auroc": found.image_auroc, "pixel_auroc": found.pixel_auroc}
     report.extra["map_settings"] = {"sigma": settings.sigma, "top_k": settings.top_k,
-                                    "chosen_on": "synthetic validation" if choices else
-                                    "params.yaml", **({"candidates": choices} if choices else {})}
+                                    "chosen_on": "synthetic validation" if choice else
+                                    "params.yaml",
+                                    **({"candidates": choice.candidates} if choice else {})}
     report.extra["map_normalisation"] = {"low": map_stats.low, "high": map_stats.high}
     masks = getattr(splits.test, "masks", None)
     if masks is not None and np.asarray(masks).any():

@@ -211,8 +211,12 @@ def test_choose_map_settings_takes_the_best_candidate_on_synthetic_validation() 
     maps[masks == 1] = 1.0
     data = SyntheticValidationSet(torch.zeros(4, 1, 8, 8, dtype=torch.uint8),
                                   np.array([0, 0, 1, 1]), masks)
-    chosen, table = choose_map_settings(maps, data, "auto", 0.01)
-    assert chosen.sigma == 0.0 and chosen.top_k == 0.01
+    choice = choose_map_settings(maps, data, "auto", 0.01)
+    table = choice.candidates
+    assert choice.settings.sigma == 0.0 and choice.settings.top_k == 0.01
     assert len(table) == 4 and max(r["criterion"] for r in table) == table[0]["criterion"]
-    fixed, table = choose_map_settings(maps, data, 2.0, 0.05)
-    assert (fixed.sigma, fixed.top_k) == (2.0, 0.05) and len(table) == 1
+    assert choice.report.image_auroc == table[0]["image_auroc"]
+    assert choice.report.pixel_auroc == table[0]["pixel_auroc"]
+    fixed = choose_map_settings(maps, data, 2.0, 0.05)
+    assert (fixed.settings.sigma, fixed.settings.top_k) == (2.0, 0.05)
+    assert len(fixed.candidates) == 1
