@@ -147,6 +147,7 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0)
     select_on: Literal["val_recon", "synthetic", "last"] = "val_recon"
     reinit_d_below: float = Field(1e-5, ge=0.0)
+    ema: float | None = Field(None, gt=0.0, lt=1.0)  # decay of G's weight average (kept, scored)
     w_ssim: float = Field(1.0, ge=0.0)  # nested_restore: structural term of the restoration
     w_seg: float = Field(1.0, ge=0.0)  # nested_restore: focal + Dice of the segmentation head
     augment: AugmentConfig = AugmentConfig()

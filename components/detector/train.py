@@ -19,6 +19,10 @@ learning rate decays per step, linearly to 0 from ``lr_decay_from`` of the steps
 ``crop`` trains on random crops (the networks are fully convolutional; D is built for the
 crop); ``augment`` applies the configured label-preserving transforms.
 
+Weight average: with ``ema`` set, an exponential moving average of G's weights
+(``weight_average``) is what is validated, kept in ``best.pt`` and scored; the raw weights
+train on, and ``last.pt`` holds both, so a resumed run continues the same average.
+
 D collapse: when D's loss falls below ``reinit_d_below`` it has won outright and gives G
 no signal, so D is re-initialised (the reference code's rule) and the event counted.
 
@@ -69,6 +73,7 @@ from components.detector.synthetic_validation import (
     make_synthetic_validation,
     synthetic_validation_report,
 )
+from components.detector.weight_average import WeightAverage
 from components.errors import ModelFileError, TrainingError
 from components.runtime import (
     COMPILE_MIN_TRAIN_STEPS,
@@ -204,6 +209,7 @@ class GanTrainer:
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, factor)
         self.d_reinits = 0
         self.restores = isinstance(generator, NestedRestoreGenerator)
+        self.average = WeightAverage(self.generator, cfg.ema) if cfg.ema else None
         self.synthetic_rng = torch.Generator()
         self.augment_rng = torch.Generator()
         self.seed_streams(0 if dist is None else dist.rank)
@@ -269,6 +275,8 @@ class GanTrainer:
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
+        if self.average is not None:
+            self.average.update(self.generator)
         d.requires_grad_(True)
         # --- discriminator: real vs the (detached) reconstruction.
         with self.runtime.autocast():
@@ -300,6 +308,11 @@ class GanTrainer:
             self.d_reinits += 1
         return losses
 
+    @property
+    def kept_generator(self) -> nn.Module:
+        """The G that is validated, kept and scored: the weight average when there is one."""
+        return self.average.net if self.average is not None else self.generator
+
     # --- checkpoints -------------------------------------------------------------------
 
     def state(
@@ -326,6 +339,7 @@ class GanTrainer:
             "d_reinits": self.d_reinits,
             "history": [asdict(h) for h in history],
             "best": best,
+            **({"generator_average": self.average.state_dict()} if self.average else {}),
         }
 
     def load_state(self, state: dict[str, Any], shuffle_rng: torch.Generator) -> None:
@@ -343,6 +357,8 @@ class GanTrainer:
             self.synthetic_rng.set_state(state["rng_synthetic"])
             self.augment_rng.set_state(state["rng_augment"])
         self.d_reinits = state["d_reinits"]
+        if self.average is not None:  # KeyError: a run without the average (a config change)
+            self.average.load_state_dict(state["generator_average"])
 
 
 def _restore_rank_streams(trainer: GanTrainer, state: dict[str, Any],
@@ -487,8 +503,9 @@ def fit(
             trainer.sched_g.step()
             trainer.sched_d.step()
         sync_bn = dist is not None and dist.sync_batchnorm
+        kept = trainer.kept_generator  # validated and kept: the weight average, if any
         if trainer.restores and (main or sync_bn):  # BN statistics of these weights
-            recompute_batchnorm(trainer.generator, train.images, cfg, runtime, seed=epoch,
+            recompute_batchnorm(kept, train.images, cfg, runtime, seed=epoch,
                                 dist=dist if sync_bn else None)
         streams = gather_objects(trainer.rng_streams(), dist) if dist is not None else None
         if not main:  # rank 0 validates and writes; wait for its checkpoint
@@ -497,11 +514,11 @@ def fit(
         # the map settings only change the restoration detector's score
         by_map = {"settings": map_settings} if trainer.restores else {}
         val_scores = score_images(
-            trainer.generator, trainer.discriminator, val.images, score_weight, runtime, **by_map
+            kept, trainer.discriminator, val.images, score_weight, runtime, **by_map
         )
         synthetic = {}
         if synthetic_val is not None:
-            scored = score_images(trainer.generator, trainer.discriminator,
+            scored = score_images(kept, trainer.discriminator,
                                   synthetic_val.images, score_weight, runtime,
                                   settings=map_settings, with_maps=True)
             found = synthetic_validation_report(scored.score, scored.maps, synthetic_val)
@@ -534,7 +551,7 @@ def fit(
                 {
                     "format": CHECKPOINT_FORMAT,
                     "epoch": report.epoch,
-                    "generator": trainer.generator.state_dict(),
+                    "generator": kept.state_dict(),
                     "discriminator": trainer.discriminator.state_dict(),
                 },
                 best_path,
@@ -545,8 +562,8 @@ def fit(
         save_atomic(state, last_path)
         barrier(dist)
         if inspect_epoch:
-            inspect_epoch(report.epoch, trainer.generator, trainer.discriminator)
-            trainer.generator.train()
+            inspect_epoch(report.epoch, kept, trainer.discriminator)
+            kept.train()
             trainer.discriminator.train()
         if on_epoch:
             on_epoch(report)
