@@ -3,8 +3,9 @@ that is validated, kept and scored when ``train.ema`` is set.
 
 GAN weights wander from step to step: in one 2500-step run the synthetic-validation image
 AUROC moved by up to 0.06 between neighbouring validations, 250 steps apart
-(results/experiments/ema.md), so the kept checkpoint was partly a draw. The average over the last ~1 / (1 - decay) steps is a
-smoother network at no training cost (one copy of G, one fused update per step):
+(results/experiments/ema.md), so the kept checkpoint was partly a draw. The average over
+the last ~1 / (1 - decay) steps is a smoother network for about 1 % of a step's time (one
+copy of G, one fused update per step):
 
     ema <- d * ema + (1 - d) * w,   d = min(decay, (1 + t) / (10 + t))   at update t
 
@@ -39,10 +40,11 @@ class WeightAverage:
     def update(self, net: nn.Module) -> None:
         self.updates += 1
         d = self.current_decay()
-        averaged = list(self.net.parameters())
-        torch._foreach_lerp_(averaged, [p.detach() for p in net.parameters()], 1.0 - d)
-        for mine, theirs in zip(self.net.buffers(), net.buffers(), strict=True):
-            mine.copy_(theirs)
+        torch._foreach_lerp_(list(self.net.parameters()),
+                             [p.detach() for p in net.parameters()], 1.0 - d)
+        buffers = list(self.net.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(net.buffers()))
 
     def state_dict(self) -> dict[str, Any]:
         return {"net": self.net.state_dict(), "updates": self.updates}
