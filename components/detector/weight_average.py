@@ -11,7 +11,8 @@ copy of G, one fused update per step):
 
 (the warm-up keeps the average from being dominated by the random initial weights in
 short runs). Buffers (BN running statistics) are copied as they are; the trainer recomputes
-the average's BN statistics before every validation (``precise_bn``), as for G itself.
+the average's BN statistics before every validation of ``nested_restore``
+(``precise_bn``), as it did for the raw weights.
 """
 
 from __future__ import annotations
