@@ -134,6 +134,16 @@ def _scoring_networks(
     return tuple(n.to(runtime.device, memory_format=runtime.memory_format) for n in nets)
 
 
+MAX_BATCH_PIXELS = 256 * 128 * 128  # ~7 GB of activations for nested_restore (measured)
+
+
+def images_per_batch(batch_size: int, n: int, pixels: int) -> int:
+    """At most ``batch_size`` images and ``MAX_BATCH_PIXELS`` pixels per scoring batch (at
+    least one image): ``evaluate.batch_size`` 256 is 256 images up to 128 px, 64 at 256 px,
+    so memory stays that of 128 px whatever the resolution. Scores do not depend on it."""
+    return max(1, min(batch_size, n, MAX_BATCH_PIXELS // max(pixels, 1)))
+
+
 def score_images(
     generator: nn.Module,
     discriminator: nn.Module,
@@ -158,7 +168,7 @@ def score_images(
     compiled = compile_pays_off(
         runtime.compile, runtime.device.type, len(images), COMPILE_MIN_SCORE_IMAGES
     )
-    batch_size = min(batch_size, len(images))
+    batch_size = images_per_batch(batch_size, len(images), images.shape[-2] * images.shape[-1])
     g, d = _scoring_networks(generator, discriminator, runtime, compiled)
     run = _compiled_score_and_map() if compiled else score_and_map
     out: list[tuple[Tensor, Tensor, Tensor]] = []

@@ -279,3 +279,27 @@ def test_compiled_scoring_matches_the_reference_and_follows_new_weights() -> Non
     got = _as_array(score_images(g, d, images, WEIGHT, compiled, batch_size=4))
     np.testing.assert_allclose(got, _reference_scores(g, d, images), rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_scoring_batches_are_capped_in_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    import components.detector.score as scoring
+
+    assert scoring.images_per_batch(256, 1000, 128 * 128) == 256
+    assert scoring.images_per_batch(256, 1000, 256 * 256) == 64
+    assert scoring.images_per_batch(256, 10, 256 * 256) == 10
+    assert scoring.images_per_batch(256, 1000, 10**9) == 1
+    g, d = _networks()
+    images = _uint8(10, seed=4)
+    reference = _as_array(score_images(g, d, images, WEIGHT, FAST, batch_size=len(images)))
+    calls = []
+    plain = scoring.score_and_map
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[2]))
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_and_map", counted)
+    monkeypatch.setattr(scoring, "MAX_BATCH_PIXELS", 4 * images.shape[-1] * images.shape[-2])
+    got = _as_array(score_images(g, d, images, WEIGHT, FAST, batch_size=len(images)))
+    assert calls == [4, 4, 2]
+    np.testing.assert_allclose(got, reference, rtol=1e-6)
