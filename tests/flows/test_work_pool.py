@@ -83,9 +83,9 @@ def test_a_process_worker_runs_the_deployed_training_flow(
             run_id = next(line.split()[-1] for line in run.stdout.splitlines()
                           if "UUID" in line)
             state = _wait_for(api, run_id, timeout=360)
-            # The API says COMPLETED while the flow-run process may still be exiting; a
-            # Ctrl-C then (seen in full sessions, where that exit is slower) left Prefect
-            # 3.9's worker idle in its event loop for good. Stop it once it runs nothing.
+            # The API says COMPLETED while the flow-run process may still be exiting: stop
+            # the worker once it runs nothing. (In full sessions Prefect 3.9's worker still
+            # sometimes stays idle in its event loop after the first Ctrl-C; cause unknown.)
             _wait_for_no_children(worker, timeout=60)
         finally:
             ctrl_cs, left = _stop(worker, grace_s=45)
