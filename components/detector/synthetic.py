@@ -7,9 +7,9 @@ blending) keeps the mask's outline from being the give-away, so the segmentation
 learn what a defect looks like, not where a paste ends; the label stays the hard mask m.
 
 Masks, of varied shape and size:
-- ``perlin``: thresholded Perlin noise at a random lattice resolution (1 ... 32 cells per
-  side) and a random target area, so one call gives one large blob, a few islands or many
-  specks (DRAEM's generator);
+- ``perlin``: thresholded Perlin noise at a random lattice resolution (1 ... ``max_cells``
+  cells per side, powers of two) and a random target area, so one call gives one large
+  blob, a few islands or, with many cells, many specks (DRAEM's generator);
 - ``scratch``: a random polyline a few pixels wide (cracks and scratches, which
   blob-shaped masks never teach).
 
@@ -72,7 +72,7 @@ def perlin_noise(h: int, w: int, res: int, g: torch.Generator, device: torch.dev
 def perlin_mask(h: int, w: int, cfg: SyntheticConfig, g: torch.Generator,
                 device: torch.device) -> Tensor:
     """A non-empty {0, 1} mask (h, w): Perlin noise above the quantile giving a random area."""
-    res = 2 ** _randint(g, 0, 5)
+    res = 2 ** _randint(g, 0, int(math.log2(cfg.max_cells)))  # more cells, more pieces
     noise = perlin_noise(h, w, res, g, device)
     if _uniform(g) < 0.5:
         noise = noise.flip(1)

@@ -80,3 +80,21 @@ def test_feathered_edges_blend_softly_and_keep_the_hard_mask_as_label():
     assert xs.min() >= -1 and xs.max() <= 1
     again = synthesize_anomalies(x, soft, torch.Generator().manual_seed(2))
     assert torch.equal(again[0], xs) and torch.equal(again[1], ms)
+
+
+def test_fewer_lattice_cells_give_masks_in_fewer_pieces():
+    from scipy import ndimage
+
+    def mean_pieces(max_cells: int) -> float:
+        cfg = SyntheticConfig(min_area=0.2, max_area=0.3, max_cells=max_cells)
+        g = torch.Generator().manual_seed(0)
+        return sum(ndimage.label(perlin_mask(64, 64, cfg, g, torch.device("cpu")).numpy())[1]
+                   for _ in range(30)) / 30
+
+    few, many = mean_pieces(2), mean_pieces(32)
+    assert few < 3 < many  # 1-2 cells per side: a blob or two; up to 32: specks
+
+
+def test_max_cells_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="max_cells"):
+        SyntheticConfig(max_cells=12)
