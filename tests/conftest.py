@@ -23,6 +23,7 @@ from synthetic_support import (
     pack_archive,
     synthetic_batch,
     synthetic_image,
+    synthetic_image_set,
     tiny_overrides,
     write_dataset,
     write_images,
@@ -57,11 +58,13 @@ def tiny_params() -> Callable[..., Params]:
 
 @pytest.fixture(scope="session")
 def synth() -> SimpleNamespace:
-    """The helpers above, for tests: ``synth.image``, ``synth.batch``, ``synth.write_images``,
-    ``synth.dataset``, ``synth.pack``, ``synth.overrides`` and the constants."""
+    """The helpers above, for tests: ``synth.image``, ``synth.batch``, ``synth.image_set``,
+    ``synth.write_images``, ``synth.dataset``, ``synth.pack``, ``synth.overrides`` and the
+    constants."""
     return SimpleNamespace(
         image=synthetic_image,
         batch=synthetic_batch,
+        image_set=synthetic_image_set,
         write_images=write_images,
         dataset=write_dataset,
         pack=pack_archive,

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from components.config import Params, parse_params
+from components.data.splits import ImageSet
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("gradient", "blob", "stripes")  # three visually distinct classes
@@ -83,6 +84,15 @@ def synthetic_batch(
         np.array(synthetic_image(pattern, seed + i, size, defect=defect)) for i in range(count)
     ]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def synthetic_image_set(count: int = 16, anomalous: int = 0, seed: int = 0) -> ImageSet:
+    """A decoded in-memory split of ``count`` synthetic images, the first ``anomalous``
+    flagged anomalous (what ``fit`` and ``evaluate`` take)."""
+    flags = np.zeros(count, dtype=int)
+    flags[:anomalous] = 1
+    return ImageSet(synthetic_batch(count, seed=seed), flags,
+                    [f"img{i}.png" for i in range(count)], ["good"] * count)
 
 
 def _seed(*parts: object) -> int:

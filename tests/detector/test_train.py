@@ -11,7 +11,6 @@ import torch
 
 import components.detector.train as training
 from components.data.images import to_model_input
-from components.data.splits import ImageSet
 from components.detector.networks import build_networks
 from components.detector.score import Scores
 from components.detector.train import GanTrainer, fit, load_checkpoint, lr_factor
@@ -21,15 +20,8 @@ from components.runtime import Runtime, resolve_runtime
 CPU_FP32 = Runtime(torch.device("cpu"), None, False)
 
 
-def _image_set(synth, count: int = 16, anomalous: int = 0, seed: int = 0) -> ImageSet:
-    images = synth.batch(count, seed=seed)
-    flags = np.zeros(count, dtype=int)
-    flags[:anomalous] = 1
-    return ImageSet(images, flags, [f"img{i}.png" for i in range(count)], ["good"] * count)
-
-
 def _fit(params, synth, out: Path, **kwargs):
-    train, val = _image_set(synth, 16), _image_set(synth, 6, seed=100)
+    train, val = synth.image_set(16), synth.image_set(6, seed=100)
     return fit(train, val, params.model, params.train, out, **kwargs)
 
 
@@ -240,8 +232,8 @@ def test_anomalous_image_in_train_or_val_is_refused(
     synth, tiny_params, tmp_path, where: str
 ) -> None:
     params = tiny_params()
-    train = _image_set(synth, 16, anomalous=1 if where == "train" else 0)
-    val = _image_set(synth, 6, anomalous=1 if where == "val" else 0, seed=100)
+    train = synth.image_set(16, anomalous=1 if where == "train" else 0)
+    val = synth.image_set(6, anomalous=1 if where == "val" else 0, seed=100)
     with pytest.raises(TrainingError, match="normal images only"):
         fit(train, val, params.model, params.train, tmp_path)
     assert not (tmp_path / "last.pt").exists()
@@ -250,7 +242,7 @@ def test_anomalous_image_in_train_or_val_is_refused(
 def test_too_few_training_images_is_refused(synth, tiny_params, tmp_path) -> None:
     params = tiny_params()
     with pytest.raises(TrainingError, match="at least 2"):
-        fit(_image_set(synth, 1), _image_set(synth, 2), params.model, params.train, tmp_path)
+        fit(synth.image_set(1), synth.image_set(2), params.model, params.train, tmp_path)
 
 
 # --- checkpoint choice ----------------------------------------------------------------------

@@ -5,19 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from components.data.splits import ImageSet
 from components.detector.train import fit, load_checkpoint
 from components.detector.weight_average import WeightAverage
-
-
-def _image_set(synth, n: int, seed: int = 0) -> ImageSet:
-    return ImageSet(synth.batch(n, seed=seed), np.zeros(n, dtype=int),
-                    [f"img{i}.png" for i in range(n)], ["good"] * n)
 
 
 def test_the_average_follows_the_update_rule_with_its_warm_up() -> None:
@@ -46,7 +39,7 @@ def test_training_keeps_the_average_and_resumes_it_exactly(synth, tiny_params,
                                                             tmp_path: Path) -> None:
     params = tiny_params(**{"train.epochs": 2, "train.lr_decay_start": 1,
                             "train.ema": 0.5, "train.select_on": "last"})
-    train, val = _image_set(synth, 16), _image_set(synth, 6, seed=100)
+    train, val = synth.image_set(16), synth.image_set(6, seed=100)
     whole = fit(train, val, params.model, params.train, tmp_path / "whole")
     last = load_checkpoint(tmp_path / "whole" / "last.pt")
     best = load_checkpoint(tmp_path / "whole" / "best.pt")
