@@ -57,7 +57,7 @@ LABELS = {"nested_restore": "nested_restore (restoration + segmentation)",
           "nested": "nested (the paper)", "skip_ganomaly": "Skip-GANomaly",
           "ganomaly": "GANomaly"}
 FIGURES = ("image_auroc", "image_auprc", "pixel_auroc", "aupro", "synthetic_image_auroc",
-           "synthetic_pixel_auroc", "train_seconds")
+           "synthetic_pixel_auroc", "hot_normal_pixels", "train_seconds")
 
 
 def model_overrides(model: str, baseline_size: int, baseline_epochs: int,
@@ -95,6 +95,7 @@ def run_one(model: str, seed: int, args: argparse.Namespace, work: Path) -> dict
             (keep / "overlays.png").write_bytes((out / "plots" / "overlays.png").read_bytes())
     pixel = metrics.get("pixel", {})
     synthetic = metrics.get("synthetic_validation", {})
+    hot = metrics.get("validation_normals", {})
     return {
         "model": model, "seed": seed, "profile": profile, "overrides": overrides,
         "image_size": params.data.image_size,
@@ -103,6 +104,7 @@ def run_one(model: str, seed: int, args: argparse.Namespace, work: Path) -> dict
         "pixel_auroc": pixel.get("auroc"), "aupro": pixel.get("aupro"),
         "synthetic_image_auroc": synthetic.get("image_auroc"),
         "synthetic_pixel_auroc": synthetic.get("pixel_auroc"),
+        "hot_normal_pixels": hot.get("pixels_above"),  # validation normals' map > 0.5
         "train_seconds": round(seconds, 1), "best_epoch": result.best_epoch,
         "device": str(result.runtime.device),
         "precision": "bf16" if result.runtime.amp_dtype else "fp32",
@@ -119,7 +121,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         row: dict[str, Any] = {"seeds": [r["seed"] for r in mine],
                                "image_size": mine[0]["image_size"]}
         for key in FIGURES:
-            values = [r[key] for r in mine if r[key] is not None]
+            values = [r[key] for r in mine if r.get(key) is not None]  # older runs lack some
             if values:
                 row[key] = {"mean": statistics.fmean(values),
                             "std": statistics.stdev(values) if len(values) > 1 else 0.0}
@@ -142,6 +144,13 @@ def _cell(row: dict[str, Any], key: str, digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if len(row["seeds"]) > 1 else f"{m:.{digits}f}"
 
 
+def _percent(row: dict[str, Any], key: str) -> str:
+    if key not in row:
+        return "–"
+    m, s = 100 * row[key]["mean"], 100 * row[key]["std"]
+    return f"{m:.2f} ± {s:.2f}" if len(row["seeds"]) > 1 else f"{m:.2f}"
+
+
 def write_markdown(path: Path, table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
     lines = [
         "# Magnetic tiles: image and pixel figures (leak-free)",
@@ -153,8 +162,8 @@ def write_markdown(path: Path, table: dict[str, dict[str, Any]], meta: dict[str,
         "Mean ± std where a model has several seeds (column `seeds`).",
         "",
         "| model | seeds | px | image AUROC | image AUPRC | pixel AUROC | AUPRO | synthetic-val "
-        "image AUROC | synthetic-val pixel AUROC | train s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "image AUROC | synthetic-val pixel AUROC | val-normal pixels > 0.5 (%) | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model, row in table.items():
         lines.append(
@@ -162,7 +171,8 @@ def write_markdown(path: Path, table: dict[str, dict[str, Any]], meta: dict[str,
             f"{_cell(row, 'image_auroc')} | "
             f"{_cell(row, 'image_auprc')} | {_cell(row, 'pixel_auroc')} | "
             f"{_cell(row, 'aupro')} | {_cell(row, 'synthetic_image_auroc')} | "
-            f"{_cell(row, 'synthetic_pixel_auroc')} | {_cell(row, 'train_seconds', 0)} |")
+            f"{_cell(row, 'synthetic_pixel_auroc')} | {_percent(row, 'hot_normal_pixels')} | "
+            f"{_cell(row, 'train_seconds', 0)} |")
     typed = {m: r["per_defect"] for m, r in table.items() if r.get("per_defect")}
     if typed:
         names = sorted({n for t in typed.values() for n in t})

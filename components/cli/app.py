@@ -65,6 +65,10 @@ def _print_metrics(report, out: Path) -> None:
     if synthetic:
         console.print(f"synthetic validation (no test data): image AUROC "
                       f"{synthetic['image_auroc']:.4f}  pixel AUROC {synthetic['pixel_auroc']:.4f}")
+    hot = report.extra.get("validation_normals")
+    if hot:
+        console.print(f"validation normals above {hot['level']:g} on the map: "
+                      f"{hot['images_above']:.0%} of images, {hot['pixels_above']:.3%} of pixels")
     per_defect = report.extra.get("per_defect") or {}
     if len(per_defect) > 1:  # one type is the overall figure already
         console.print("per defect type (against the test normals): " + "; ".join(

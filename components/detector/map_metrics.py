@@ -253,6 +253,20 @@ def top_k_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 
+def hot_normal_figures(normal_maps: np.ndarray | torch.Tensor, level: float = 0.5
+                       ) -> dict[str, float]:
+    """How often normal images light up: the share of their pixels, and of the images, whose
+    map exceeds ``level`` (for probability maps, 0.5: "called anomalous"). ``normal_maps``
+    (N, H, W) are maps of normal images only (validation normals: a leak-free figure of
+    false positives that synthetic anomalies cannot give)."""
+    values = _as_numpy(normal_maps).astype(np.float32, copy=False)
+    if values.ndim != 3 or values.shape[0] == 0:
+        raise ValueError(f"normal_maps must be (N, H, W) with N > 0; got {values.shape}")
+    hot = values > level
+    return {"level": level, "pixels_above": float(hot.mean()),
+            "images_above": float(hot.reshape(len(hot), -1).any(axis=1).mean())}
+
+
 # --- display normalisation --------------------------------------------------------------------
 
 

@@ -39,7 +39,13 @@ from components.detector.evaluate import (
     write_metrics,
     write_plots,
 )
-from components.detector.map_metrics import aupro, fit_map_stats, normalise_maps, pixel_auroc
+from components.detector.map_metrics import (
+    aupro,
+    fit_map_stats,
+    hot_normal_figures,
+    normalise_maps,
+    pixel_auroc,
+)
 from components.detector.overlay import overlay_grid
 from components.detector.package import MODEL_FILE, build_detector, load_detector, save_detector
 from components.detector.score import MapSettings, score_images
@@ -133,6 +139,11 @@ def evaluate_stage(params: Params, out: Path, splits: DatasetSplits | None = Non
         "protocol": "validation normals + synthetic anomalies made from them "
                     f"(seed {params.train.synthetic.val_seed}); no test data",
         "image_auroc": found.image_auroc, "pixel_auroc": found.pixel_auroc}
+    if params.model.name == "nested_restore":  # maps are probabilities: 0.5 means "anomalous"
+        report.extra["validation_normals"] = {
+            "protocol": "maps of the validation normals (as scored, before display "
+                        "normalisation); no test data",
+            **hot_normal_figures(val.maps)}
     report.extra["map_settings"] = {"sigma": settings.sigma, "top_k": settings.top_k,
                                     "chosen_on": "synthetic validation" if choice else
                                     "params.yaml",

@@ -13,6 +13,7 @@ from components.detector.map_metrics import (
     aupro,
     fit_map_stats,
     gaussian_blur,
+    hot_normal_figures,
     normalise_maps,
     pixel_auroc,
     top_k_mean,
@@ -234,3 +235,15 @@ def test_fit_map_stats_on_constant_maps_gives_a_usable_scale() -> None:
     stats = fit_map_stats(torch.full((3, 8, 8), 0.25))
     assert isinstance(stats, MapStats) and stats.high > stats.low
     assert np.isfinite(normalise_maps(np.full((2, 2), 0.3), stats)).all()
+
+
+def test_hot_normal_figures_count_pixels_and_images_above_the_level():
+    maps = np.zeros((4, 2, 5), np.float32)
+    maps[0, 0, 0] = 0.9  # one hot pixel in image 0
+    maps[1, :, :] = 0.6  # image 1 hot everywhere (10 pixels)
+    maps[2, 1, 4] = 0.5  # exactly at the level: not above
+    found = hot_normal_figures(maps)
+    assert found == {"level": 0.5, "pixels_above": pytest.approx(11 / 40), "images_above": 0.5}
+    assert hot_normal_figures(maps, level=0.95)["images_above"] == 0.0
+    with pytest.raises(ValueError, match="normal_maps"):
+        hot_normal_figures(maps[0])

@@ -144,7 +144,7 @@ def test_the_test_split_chooses_nothing(trained, tmp_path) -> None:
     assert a["map_settings"]["chosen_on"] == "synthetic validation"
     assert len(a["map_settings"]["candidates"]) == 12
     for key in ("normalisation", "map_normalisation", "synthetic_validation",
-                "checkpoint_epoch", "map_settings"):
+                "checkpoint_epoch", "map_settings", "validation_normals"):
         assert a[key] == b[key], key
     assert a["leak_free"]["at_target_fpr"]["threshold"] == b["leak_free"]["at_target_fpr"][
         "threshold"]
@@ -172,6 +172,13 @@ def test_the_test_split_chooses_nothing(trained, tmp_path) -> None:
     found = synthetic_validation_report(again.score, again.maps, data)
     assert a["synthetic_validation"]["image_auroc"] == pytest.approx(found.image_auroc)
     assert a["synthetic_validation"]["pixel_auroc"] == pytest.approx(found.pixel_auroc)
+    # how hot the validation normals' maps are: the saved model's maps of them, again
+    normal = score_images(detector.generator, detector.discriminator, val.images,
+                          detector.weight, resolve_runtime("cpu", "fp32", False, False, 1),
+                          settings=detector.settings, with_maps=True)
+    hot = normal.maps > 0.5
+    assert a["validation_normals"]["pixels_above"] == pytest.approx(hot.mean())
+    assert a["validation_normals"]["images_above"] == pytest.approx(hot.any(axis=(1, 2)).mean())
 
 
 def test_crop_training_builds_d_for_the_crop_and_evaluates_whole_images(tmp_path) -> None:
