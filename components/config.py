@@ -151,6 +151,7 @@ class TrainConfig(_Section):
     ema: float | None = Field(None, gt=0.0, lt=1.0)  # decay of G's weight average (kept, scored)
     w_ssim: float = Field(1.0, ge=0.0)  # nested_restore: structural term of the restoration
     w_seg: float = Field(1.0, ge=0.0)  # nested_restore: focal + Dice of the segmentation head
+    seg_beta1: float | None = Field(None, ge=0.0, lt=1.0)  # the head's Adam beta1; None: beta1
     augment: AugmentConfig = AugmentConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
     distributed: DistributedConfig = DistributedConfig()

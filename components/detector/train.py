@@ -142,6 +142,21 @@ def lr_factor(epoch: int, epochs: int, decay_start: int) -> float:
     return 1.0 - (epoch - decay_start) / float(max(1, epochs - decay_start + 1))
 
 
+def generator_param_groups(generator: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """G's optimiser groups: one (the paper), or, with ``seg_beta1`` set, the restoration
+    detector's segmentation head apart with its own beta1. beta1 0.5 is the DCGAN recipe for
+    adversarial stability; the head is trained by a supervised loss only (its input is
+    detached from the restorer), for which Adam's standard momentum (0.9) is the usual
+    choice."""
+    segmenter = getattr(generator, "segmenter", None)
+    if cfg.seg_beta1 is None or segmenter is None:
+        return [{"params": list(generator.parameters())}]
+    head = list(segmenter.parameters())
+    ids = {id(p) for p in head}
+    rest = [p for p in generator.parameters() if id(p) not in ids]
+    return [{"params": rest}, {"params": head, "betas": (cfg.seg_beta1, cfg.beta2)}]
+
+
 class GanTrainer:
     """Holds the networks, optimisers and the training step; ``fit`` drives it.
 
@@ -191,7 +206,8 @@ class GanTrainer:
             self._d_frozen = (torch.compile(self.discriminator, dynamic=False) if compile
                               else self.discriminator)
         betas = (cfg.beta1, cfg.beta2)
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr, betas=betas)
+        self.opt_g = torch.optim.Adam(generator_param_groups(self.generator, cfg), lr=cfg.lr,
+                                      betas=betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr, betas=betas)
 
         def factor(epoch: int) -> float:

@@ -227,3 +227,22 @@ def test_choose_map_settings_takes_the_best_candidate_on_synthetic_validation() 
     fixed = choose_map_settings(maps, data, 2.0, 0.05)
     assert (fixed.settings.sigma, fixed.settings.top_k) == (2.0, 0.05)
     assert len(fixed.candidates) == 1
+
+
+def test_seg_beta1_puts_the_segmentation_head_in_its_own_adam_group() -> None:
+    from components.detector.networks import build_generator
+    from components.detector.train import generator_param_groups
+
+    g = build_generator("nested_restore", 1, SIZE, base_width=8, depth=2, latent_dim=16,
+                        seg_width=8, seg_depth=2)
+    every = {id(p) for p in g.parameters()}
+    (one,) = generator_param_groups(g, TrainConfig())  # default: the paper's single group
+    assert {id(p) for p in one["params"]} == every and "betas" not in one
+    rest, head = generator_param_groups(g, TrainConfig(seg_beta1=0.9))
+    assert {id(p) for p in head["params"]} == {id(p) for p in g.segmenter.parameters()}
+    assert {id(p) for p in rest["params"]} | {id(p) for p in head["params"]} == every
+    assert not {id(p) for p in rest["params"]} & {id(p) for p in head["params"]}
+    optimiser = torch.optim.Adam([rest, head], lr=1e-3, betas=(0.5, 0.999))
+    assert [group["betas"] for group in optimiser.param_groups] == [(0.5, 0.999), (0.9, 0.999)]
+    plain = build_generator("nested", 1, SIZE, base_width=8, depth=2, latent_dim=16)
+    assert len(generator_param_groups(plain, TrainConfig(seg_beta1=0.9))) == 1  # no head
