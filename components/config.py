@@ -81,7 +81,7 @@ class SyntheticConfig(_Section):
     probability: float = Field(0.5, ge=0.0, le=1.0)  # share of training images corrupted
     min_area: float = Field(0.005, gt=0.0, le=1.0)  # Perlin mask area, log-uniform
     max_area: float = Field(0.5, gt=0.0, le=1.0)
-    max_cells: Literal[1, 2, 4, 8, 16, 32, 64] = 32  # Perlin lattice cells per side, at most
+    max_cells: Literal[1, 2, 4, 8, 16, 32, 64] = 8  # Perlin lattice cells per side, at most
     scratch_fraction: float = Field(0.25, ge=0.0, le=1.0)  # masks that are thin polylines
     opacity_min: float = Field(0.3, gt=0.0, le=1.0)
     opacity_max: float = Field(1.0, gt=0.0, le=1.0)
