@@ -123,7 +123,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for key in FIGURES:
             values = [r[key] for r in mine if r.get(key) is not None]  # older runs lack some
             if values:
-                row[key] = {"mean": statistics.fmean(values),
+                row[key] = {"mean": statistics.fmean(values), "n": len(values),
                             "std": statistics.stdev(values) if len(values) > 1 else 0.0}
         by_type = [r["per_defect"] for r in mine if r.get("per_defect")]
         if by_type:  # runs cached before per-defect figures existed have none
@@ -141,14 +141,23 @@ def _cell(row: dict[str, Any], key: str, digits: int = 3) -> str:
     if key not in row:
         return "–"
     m, s = row[key]["mean"], row[key]["std"]
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(row["seeds"]) > 1 else f"{m:.{digits}f}"
+    return _spread(f"{m:.{digits}f}", f"{s:.{digits}f}", row, key)
+
+
+def _spread(mean: str, std: str, row: dict[str, Any], key: str) -> str:
+    """``mean ± std`` over the runs that have the figure; ``mean (n of N runs)`` where
+    older runs lack it; the mean alone for one run."""
+    n = row[key].get("n", len(row["seeds"]))
+    if n < len(row["seeds"]):
+        return f"{mean} ({n} of {len(row['seeds'])} runs)"
+    return f"{mean} ± {std}" if n > 1 else mean
 
 
 def _percent(row: dict[str, Any], key: str) -> str:
     if key not in row:
         return "–"
     m, s = 100 * row[key]["mean"], 100 * row[key]["std"]
-    return f"{m:.2f} ± {s:.2f}" if len(row["seeds"]) > 1 else f"{m:.2f}"
+    return _spread(f"{m:.2f}", f"{s:.2f}", row, key)
 
 
 def write_markdown(path: Path, table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
