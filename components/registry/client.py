@@ -144,14 +144,17 @@ def _not_found(exc: BaseException) -> bool:
 
 
 def _retry(fn: Callable[[], Any], attempts: int = 8) -> Any:
-    """Retry a call that lost a write race on SQLite ("database is locked", a duplicate
-    key from a concurrent upsert); HTTP failures are retried by MLflow itself."""
+    """Retry a call that lost a write race: on SQLite "database is locked" or a duplicate
+    key from a concurrent upsert; on PostgreSQL the same duplicate key (two alias writes at
+    once, which an MLflow server answers 400). HTTP failures are retried by MLflow itself."""
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001
             text = str(exc)
-            transient = "database is locked" in text or "UNIQUE constraint" in text
+            transient = any(sign in text for sign in (
+                "database is locked", "UNIQUE constraint",  # SQLite
+                "duplicate key value violates unique constraint"))  # PostgreSQL
             if not transient or attempt == attempts - 1:
                 raise
             time.sleep(0.05 * 2**attempt * (0.5 + random.random()))

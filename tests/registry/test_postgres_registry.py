@@ -30,6 +30,7 @@ from postgres_support import postgres_server
 from server_support import logged_server
 
 from components.decisions import CANDIDATE, PRODUCTION
+from components.registry.client import _retry
 
 NAME = "nestad-detector"
 
@@ -54,7 +55,8 @@ def _race(reg: Any, versions: list[str]) -> list[Any]:
     gate; retried while the other holds ``candidate``."""
     return race_gated_promotions(
         reg, versions,
-        lambda version: reg.client.set_registered_model_alias(NAME, CANDIDATE, version),
+        lambda version: _retry(  # as register_run takes it: a concurrent write retried
+            lambda: reg.client.set_registered_model_alias(NAME, CANDIDATE, version)),
         reason="racing pipeline")
 
 
