@@ -65,6 +65,7 @@ from components.detector.distributed import (
 from components.detector.losses import dice_loss, focal_loss, ssim
 from components.detector.model import init_weights
 from components.detector.networks import build_networks
+from components.detector.optimiser_groups import generator_param_groups
 from components.detector.precise_bn import recompute_batchnorm
 from components.detector.restore import NestedRestoreGenerator
 from components.detector.score import MapSettings, score_images
@@ -140,21 +141,6 @@ def lr_factor(epoch: int, epochs: int, decay_start: int) -> float:
     if epoch < decay_start:
         return 1.0
     return 1.0 - (epoch - decay_start) / float(max(1, epochs - decay_start + 1))
-
-
-def generator_param_groups(generator: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """G's optimiser groups: one (the paper), or, with ``seg_beta1`` set, the restoration
-    detector's segmentation head apart with its own beta1. beta1 0.5 is the DCGAN recipe for
-    adversarial stability; the head is trained by a supervised loss only (its input is
-    detached from the restorer), for which Adam's standard momentum (0.9) is the usual
-    choice."""
-    segmenter = getattr(generator, "segmenter", None)
-    if cfg.seg_beta1 is None or segmenter is None:
-        return [{"params": list(generator.parameters())}]
-    head = list(segmenter.parameters())
-    ids = {id(p) for p in head}
-    rest = [p for p in generator.parameters() if id(p) not in ids]
-    return [{"params": rest}, {"params": head, "betas": (cfg.seg_beta1, cfg.beta2)}]
 
 
 class GanTrainer:

@@ -231,7 +231,7 @@ def test_choose_map_settings_takes_the_best_candidate_on_synthetic_validation() 
 
 def test_seg_beta1_puts_the_segmentation_head_in_its_own_adam_group() -> None:
     from components.detector.networks import build_generator
-    from components.detector.train import generator_param_groups
+    from components.detector.optimiser_groups import generator_param_groups
 
     g = build_generator("nested_restore", 1, SIZE, base_width=8, depth=2, latent_dim=16,
                         seg_width=8, seg_depth=2)
